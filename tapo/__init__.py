@@ -1,0 +1,16 @@
+"""tapo: Trajectory-Augmented Policy Optimization on top of TRL's GRPO.
+
+`from tapo import TAPOConfig, TAPOTrainer` mirrors `from trl import GRPOConfig, GRPOTrainer`. The trainer classes are
+imported lazily so that `tapo.core` stays importable without loading TRL.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["TAPOConfig", "TAPOTrainer"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from tapo import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'tapo' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""The TAPO algorithm as small pure functions over tensors and plain data. No trainer, no TRL.
+
+Modules: `verify` (answer checking), `selection` (DCS), `synthesis` (prompt, parsing, assembly, splice),
+`tokens` (span -> token labels), `advantages` (GRPO and DAE), `weights` (OTS), `losses` (clipped PG, TAPO total).
+"""
