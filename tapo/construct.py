@@ -1,0 +1,128 @@
+"""Building micro-reflective trajectories from (wrong, correct) rollout pairs: the glue between DCS and the trainer.
+
+Three constructors share one contract, `construct(requests, ...) -> list[Construction]`:
+- "splice": deterministic, no model (`tapo.core.synthesis.splice_trajectory`). Works at any model size.
+- "self": the policy writes the synthesis (the paper's method); the trainer passes its own generation function so the
+  synthesis goes through the same backend as the rollouts (transformers or vLLM).
+- "teacher": another model writes it: a local HF model (`HFGenerator`) or an OpenAI-compatible endpoint
+  (`OpenAIChatGenerator`).
+Generators are plain callables `list[str] -> list[str]` (user message in, assistant text out) so they are easy to fake
+in tests and to swap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tapo.core.synthesis import Trajectory, assemble_trajectory, build_synthesis_prompt, parse_synthesis, splice_trajectory
+
+CONSTRUCTORS = ("self", "splice", "teacher")
+
+Generator = Callable[[list[str]], list[str]]
+
+
+@dataclass(frozen=True)
+class ConstructionRequest:
+    """One DCS pair: an incorrect rollout to repair, with a correct sibling as the reference."""
+
+    problem: str
+    wrong: str
+    reference: str
+    gold: str | None = None
+
+
+@dataclass(frozen=True)
+class Construction:
+    """Outcome of one request. `trajectory` is None when the synthesis did not parse or could not be assembled."""
+
+    trajectory: Trajectory | None
+    parsed: bool
+    raw: str | None = None  # the synthesis text the model wrote (None for "splice")
+
+
+def construct(requests: Sequence[ConstructionRequest], constructor: str, generate: Generator | None = None) -> list[Construction]:
+    """Build one construction per request. Generation (if any) is one batched call, so the backend can batch it."""
+    if constructor not in CONSTRUCTORS:
+        raise ValueError(f"unknown constructor {constructor!r}; choose one of {CONSTRUCTORS}")
+    if constructor == "splice":
+        out = []
+        for r in requests:
+            traj = splice_trajectory(r.wrong, r.reference, r.gold)
+            out.append(Construction(traj, parsed=traj is not None))
+        return out
+    if generate is None:
+        raise ValueError(f"constructor {constructor!r} needs a generation function")
+    if not requests:
+        return []
+    texts = generate([build_synthesis_prompt(r.problem, r.wrong, r.reference) for r in requests])
+    out = []
+    for r, text in zip(requests, texts, strict=True):
+        synthesis = parse_synthesis(text)
+        traj = assemble_trajectory(r.wrong, synthesis) if synthesis is not None else None
+        out.append(Construction(traj, parsed=synthesis is not None, raw=text))
+    return out
+
+
+class HFGenerator:
+    """A local transformers model as a synthesis writer (constructor="teacher" with a model path)."""
+
+    def __init__(self, model_name_or_path: str, max_new_tokens: int = 1024, temperature: float = 0.7, batch_size: int = 8):
+        from tapo.models import load_model_and_tokenizer
+
+        self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path)
+        self.model.eval()
+        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+
+    def __call__(self, messages: list[str]) -> list[str]:
+        import torch
+
+        out: list[str] = []
+        for start in range(0, len(messages), self.batch_size):
+            chunk = messages[start : start + self.batch_size]
+            texts = [
+                self.tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+                for m in chunk
+            ]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+            with torch.no_grad():
+                ids = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=self.temperature > 0,
+                    temperature=self.temperature if self.temperature > 0 else None,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            out += self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return out
+
+
+class OpenAIChatGenerator:
+    """An OpenAI-compatible chat endpoint (vLLM serve, SGLang, a hosted API) as a synthesis writer.
+
+    Plain urllib so the dependency stays optional; requests run one after another (endpoints batch on their side).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 1024,
+                 temperature: float = 0.7, timeout_s: float = 120.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key = model, os.environ.get(api_key_env, "")
+        self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+
+    def __call__(self, messages: list[str]) -> list[str]:
+        return [self._one(m) for m in messages]
+
+    def _one(self, message: str) -> str:
+        body = {"model": self.model, "messages": [{"role": "user", "content": message}],
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.load(resp)["choices"][0]["message"]["content"] or ""
+        except (OSError, KeyError, IndexError, ValueError) as err:
+            # A failed request is a failed construction (counted as unparsed), not a crashed training run.
+            return f"[teacher request failed: {err}]"

