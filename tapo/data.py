@@ -12,7 +12,6 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-import reasoning_gym
 import yaml
 
 PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -75,6 +74,8 @@ def _read_rows(spec: str, *, split: str, n: int | None, seed: int) -> tuple[str,
     """(source name for messages, [(row label, raw row)]) for any spec form."""
     if Path(spec).suffix in (".jsonl", ".json", ".parquet"):
         return spec, _read_file(Path(spec))
+    import reasoning_gym  # imported here: it is large, and only task specs need it
+
     if spec.startswith("rg:") or spec.split(":")[0] in reasoning_gym.factory.DATASETS:
         return spec, _generate_reasoning_gym(spec, n=n or 1000, seed=seed)
     name, _, config_name = spec.partition(":")
@@ -111,6 +112,8 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
 
 def _generate_reasoning_gym(spec: str, *, n: int, seed: int) -> list[tuple[str, object]]:
     """`n` items of `rg:TASK[:key=value,...]`; values are parsed as YAML scalars (`2` -> int, `true` -> bool)."""
+    import reasoning_gym
+
     task, _, options = spec.removeprefix("rg:").partition(":")
     config = {key: yaml.safe_load(value) for key, _, value in (kv.partition("=") for kv in options.split(",") if kv)}
     try:

@@ -68,7 +68,7 @@ def make_trainer(tiny_model_dir, tmp_path, cls=TAPOTrainer, **overrides):
     config_cls = TAPOConfig if cls is TAPOTrainer else GRPOConfig
     kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * K, num_generations=K,
                   max_completion_length=64, max_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1,
-                  save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True, loss_type="grpo")
+                  save_strategy="no", seed=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, loss_type="grpo")
     if config_cls is TAPOConfig:
         kwargs.update(constructor="splice", n_pos=1, n_neg=2, m_max=2, synthesis_max_tokens=128)
     kwargs.update(overrides)
