@@ -89,7 +89,7 @@ def generation_batch(trainer):
 @pytest.mark.parametrize("constructor", ["splice", "self"])
 def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tmp_path, constructor):
     trainer = make_trainer(tiny_model_dir, tmp_path, constructor=constructor)
-    out = generation_batch(trainer)
+    out = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in generation_batch(trainer).items()}
 
     # Each problem has 2 wrong rollouts and m_max=2: both are repaired, on their own rows.
     rows = out["ref_mask_rows"].nonzero().flatten().tolist()
