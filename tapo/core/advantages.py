@@ -15,34 +15,19 @@ original group's statistics, so adding or rescoring constructions cannot move th
 `decoupled_advantages` for how they are scored.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from tapo.core.registry import Registry
+
 SCALES = ("group", "batch", "none")
 REF_BASELINES = ("orig", "ref")
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
-
-
-def register_advantage(name: str) -> Callable[[Callable], Callable]:
-    """Decorator adding an advantage estimator to ADVANTAGE_ESTIMATORS under `name` (verl-style registry)."""
-
-    def add(fn: Callable) -> Callable:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return add
-
-
-def get_advantage_estimator(name: str) -> Callable:
-    """The estimator registered under `name`; KeyError naming the known ones otherwise."""
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise KeyError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[name]
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+register_advantage = ADVANTAGE_ESTIMATORS.register  # decorator: @register_advantage("name")
+get_advantage_estimator = ADVANTAGE_ESTIMATORS.lookup
 
 
 def _nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:

@@ -27,31 +27,15 @@ TRL then divides "grpo"/"bnpo"/"dr_grpo" by the gradient-accumulation steps; tha
 For "dapo" TRL passes normalizer = num_items_in_batch / num_processes * grad_accum_steps / steps_per_generation.
 """
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-LOSS_AGGREGATIONS: dict[str, Callable[..., Tensor]] = {}
+from tapo.core.registry import Registry
 
-
-def register_loss_aggregation(name: str) -> Callable[[Callable], Callable]:
-    """Decorator adding fn(per_token_loss, mask, normalizer, max_len) -> scalar to LOSS_AGGREGATIONS under `name`."""
-
-    def add(fn: Callable) -> Callable:
-        if name in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss aggregation {name!r} is already registered")
-        LOSS_AGGREGATIONS[name] = fn
-        return fn
-
-    return add
-
-
-def get_loss_aggregation(name: str) -> Callable[..., Tensor]:
-    """The aggregation registered under `name`; KeyError naming the known ones otherwise."""
-    if name not in LOSS_AGGREGATIONS:
-        raise KeyError(f"unknown loss aggregation {name!r}; known: {sorted(LOSS_AGGREGATIONS)}")
-    return LOSS_AGGREGATIONS[name]
+# Each aggregation is fn(per_token_loss, mask, normalizer, max_len) -> scalar.
+LOSS_AGGREGATIONS = Registry("loss aggregation")
+register_loss_aggregation = LOSS_AGGREGATIONS.register  # decorator: @register_loss_aggregation("name")
+get_loss_aggregation = LOSS_AGGREGATIONS.lookup
 
 
 @register_loss_aggregation("token_mean")
