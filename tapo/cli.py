@@ -21,17 +21,33 @@ class ConfigError(ValueError):
     """A configuration key or value that `tapo train` cannot accept."""
 
 
+def _raise_config_error(message: str):
+    """argparse's `error` prints the whole usage (hundreds of GRPOConfig options) and exits; we raise instead."""
+    raise ConfigError(f"{message}\nEvery option: tapo train --help")
+
+
 def _train_parser():
     from trl import TrlParser
 
     from tapo.run import RunArgs
     from tapo.trainer import TAPOConfig
 
-    return TrlParser((RunArgs, TAPOConfig), prog="tapo train")
+    parser = TrlParser((RunArgs, TAPOConfig), prog="tapo train")
+    parser.error = _raise_config_error
+    return parser
 
 
-def _known_keys(parser) -> set[str]:
-    return {a.dest for a in parser._actions if a.dest != "help"}
+def _tapo_keys() -> list[str]:
+    """The options tapo adds to GRPOConfig (RunArgs and TAPOConfig's own fields): what an error message lists."""
+    from dataclasses import fields
+
+    from trl import GRPOConfig
+
+    from tapo.run import RunArgs
+    from tapo.trainer import TAPOConfig
+
+    grpo = {f.name for f in fields(GRPOConfig)}
+    return sorted({f.name for f in fields(RunArgs)} | {f.name for f in fields(TAPOConfig) if f.name not in grpo})
 
 
 def _check_keys(keys, known: set[str], where: str) -> None:
@@ -42,23 +58,44 @@ def _check_keys(keys, known: set[str], where: str) -> None:
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=4, cutoff=0.6)
         lines.append(f"  {key!r}" + (f": did you mean {', '.join(close)}?" if close else ""))
-    tapo_keys = ", ".join(sorted(k for k in known if k in _TAPO_KEYS))
     raise ConfigError(f"unknown option(s) in {where}:\n" + "\n".join(lines)
-                      + f"\nTAPO options: {tapo_keys}.\nAll options (every GRPOConfig field too): tapo train --help")
+                      + f"\nTAPO options: {', '.join(_tapo_keys())}.\nEvery option (GRPOConfig's too): tapo train --help")
 
 
-_TAPO_KEYS = {"model", "dataset", "n_train", "algorithm", "resume", "tapo_enabled", "n_pos", "n_neg", "m_max",
-              "ref_loss_weight", "ref_baseline", "ots_enabled", "ots_low", "ots_high", "constructor",
-              "synthesis_max_tokens", "teacher_model", "teacher_base_url", "skip_bad_rows", "ref_loss_aggregation"}
+def _converted(action, key: str, value, where: str):
+    """One YAML value through the option's own argparse type (as if typed on the command line), or ConfigError."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        result = action.type(text) if action.type else text
+    except argparse.ArgumentTypeError as err:  # booleans: the message lists the accepted spellings
+        raise ConfigError(f"{where}: {key}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {key}: {value!r} is not a valid {getattr(action.type, '__name__', 'value')}") from err
+    if action.choices is not None and result not in action.choices:
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of: {', '.join(map(str, action.choices))}")
+    return result
 
 
-def _as_default(value):
-    """YAML scalars become strings so argparse's own type conversion validates them exactly like CLI values."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float, str)):
-        return str(value)
-    return value
+def _checked_values(data: dict, parser, where: str) -> dict:
+    """Keys and values of a YAML layer, checked and converted like command-line values, so a wrong type names its key
+    and its file (argparse leaves non-string defaults unchecked)."""
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)  # `--no_x` shares x's dest; the first action is the typed one
+    _check_keys(data, set(actions) - {"help"}, where)
+    out = {}
+    for key, value in data.items():
+        action = actions[key]
+        many = action.nargs in ("+", "*")
+        if isinstance(value, dict):  # dict-valued options (model_init_kwargs, ...) go on as given, as in TRL
+            out[key] = value
+        elif isinstance(value, list) and not many:
+            raise ConfigError(f"{where}: {key}: expected one value, got the list {value!r}")
+        elif many:
+            out[key] = [_converted(action, key, v, where) for v in (value if isinstance(value, list) else [value])]
+        else:
+            out[key] = _converted(action, key, value, where)
+    return out
 
 
 def _load_yaml(path: str | Path) -> dict:
@@ -71,7 +108,7 @@ def _load_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must be a YAML mapping of option: value")
+        raise ConfigError(f"config file {path} must be a YAML mapping of option: value, not a {type(data).__name__}")
     return data
 
 
@@ -84,7 +121,7 @@ def _pop_option(argv: list[str], name: str) -> str | None:
     """Remove `--name VALUE` / `--name=VALUE` from argv and return VALUE."""
     for i, tok in enumerate(argv):
         if tok == f"--{name}":
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"--{name} needs a value")
             value = argv[i + 1]
             del argv[i : i + 2]
@@ -96,13 +133,15 @@ def _pop_option(argv: list[str], name: str) -> str | None:
 
 
 def parse_train_args(argv: list[str]):
-    """-> (RunArgs, TAPOConfig, explicit) where `explicit` holds the layered non-default settings (saved for resume)."""
-    from tapo.run import EMBEDDED_DEFAULTS
+    """-> (RunArgs, TAPOConfig, explicit) where `explicit` holds the layered non-default settings (saved for resume).
+
+    Layers, later wins: the embedded default < a resumed run's args.yaml < --config FILE < the command line. With
+    --resume, the run folder must hold a complete checkpoint (checked here, before anything loads)."""
+    from tapo.run import EMBEDDED_DEFAULTS, find_checkpoint
 
     parser = _train_parser()
-    known = _known_keys(parser)
     argv = list(argv)
-    layered = dict(EMBEDDED_DEFAULTS)
+    layered = _checked_values(EMBEDDED_DEFAULTS, parser, "tapo.run.EMBEDDED_DEFAULTS")
     resume = None
     for i, tok in enumerate(argv):
         if tok == "--resume" and i + 1 < len(argv):
@@ -110,23 +149,29 @@ def parse_train_args(argv: list[str]):
         elif tok.startswith("--resume="):
             resume = tok.split("=", 1)[1]
     if resume is not None:
+        if find_checkpoint(resume) is None:
+            raise ConfigError(f"--resume {resume}: no complete checkpoint (a checkpoint-N folder with trainer_state.json)")
         run_dir = _run_dir_of(Path(resume))
         saved = run_dir / "args.yaml"
         if saved.exists():
-            layered.update(_load_yaml(saved))
+            layered.update(_checked_values(_load_yaml(saved), parser, str(saved)))
         layered["output_dir"] = str(run_dir)
     config_path = _pop_option(argv, "config")
     if config_path is not None:
-        from_file = _load_yaml(config_path)
-        _check_keys(from_file, known, f"config file {config_path}")
-        layered.update(from_file)
-    cli_keys = [tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--")]
-    _check_keys([k for k in cli_keys if k != "help"], known, "the command line")
+        layered.update(_checked_values(_load_yaml(config_path), parser, f"config file {config_path}"))
+    # Command-line spellings (--n-pos, --no_tapo_enabled) -> field names.
+    dest_of = {opt[2:]: a.dest for a in parser._actions for opt in a.option_strings if opt.startswith("--")}
+    cli_keys = [dest_of.get(k, k) for k in (tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--"))]
+    _check_keys([k for k in cli_keys if k != "help"], {a.dest for a in parser._actions} - {"help"}, "the command line")
 
-    parser.set_defaults_with_config(**{k: _as_default(v) for k, v in layered.items()})
-    run, config = parser.parse_args_into_dataclasses(args=argv)
-    explicit = {k: _yaml_value(getattr(run, k) if hasattr(run, k) else getattr(config, k)) for k in [*layered, *cli_keys]
-                if k not in ("resume", "config") and (hasattr(run, k) or hasattr(config, k))}
+    parser.set_defaults_with_config(**layered)
+    # The values as given, before the dataclasses post-process them (report_to "none" -> []), so they reload as given.
+    given = vars(parser.parse_known_args(argv)[0])
+    try:
+        run, config = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # a dataclass rejected a value (TAPOConfig / GRPOConfig / TrainingArguments checks)
+        raise ConfigError(str(err)) from err
+    explicit = {k: _yaml_value(given[k]) for k in [*layered, *cli_keys] if k in given and k not in ("resume", "config")}
     if run.algorithm not in ("tapo", "grpo", "opsd"):
         raise ConfigError(f"algorithm={run.algorithm!r}: choose tapo, grpo or opsd")
     if run.algorithm != "tapo":
@@ -143,18 +188,29 @@ def _run_dir_of(path: Path) -> Path:
 
 
 def train_main(argv: list[str]) -> int:
-    from tapo.run import train
+    """`tapo train`. Exit codes: 0 done; 2 bad options or data (one message, before any model loads); 1 a NaN/inf
+    loss stopped training (the checkpoints saved so far are kept)."""
+    from tapo.data import DataError
+    from tapo.run import find_checkpoint, load_train_set, train
+    from tapo.trainer import NonFiniteLossError
 
     try:
         run, config, explicit = parse_train_args(argv)
-    except ConfigError as err:
+        dataset = load_train_set(run, config.seed)
+    except (ConfigError, DataError) as err:
         print(f"tapo train: {err}", file=sys.stderr)
         return 2
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not run.resume:
         (run_dir / "args.yaml").write_text(yaml.safe_dump(explicit, sort_keys=True))
-    out = train(run, config)
+    try:
+        out = train(run, config, dataset)
+    except NonFiniteLossError as err:
+        last = find_checkpoint(run_dir)
+        kept = f"last good checkpoint: {last} (resume: tapo train --resume {run_dir})" if last else "no checkpoint yet"
+        print(f"tapo train: {err}\n{kept}", file=sys.stderr)
+        return 1
     print(f"run folder: {out}")
     return 0
 
@@ -169,12 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     from tapo.evaluation.cli import register as register_eval
 
     register_eval(sub)
-    try:
-        from tapo.coldstart import register as register_coldstart
-    except ImportError:
-        register_coldstart = None
-    if register_coldstart is not None:
-        register_coldstart(sub)
+    from tapo.coldstart import register as register_coldstart
+
+    register_coldstart(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

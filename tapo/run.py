@@ -131,29 +131,45 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def find_checkpoint(path: str | Path) -> str | None:
-    """The newest complete checkpoint in a run folder (or the folder itself if it is a checkpoint)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint in a run folder (or the folder itself if it is a complete checkpoint).
 
+    Complete = has trainer_state.json, which is written last; TAPOTrainer also saves atomically (a hidden temp folder
+    renamed into place), so a half-written checkpoint-N or a leftover `.tmp-checkpoint-N` is never picked."""
     path = Path(path)
-    if (path / "trainer_state.json").exists():
+    if (path / "trainer_state.json").is_file():
         return str(path)
-    return get_last_checkpoint(str(path)) if path.is_dir() else None
+    steps = {int(c.name.removeprefix("checkpoint-")): c for c in path.glob("checkpoint-*")
+             if c.name.removeprefix("checkpoint-").isdigit() and (c / "trainer_state.json").is_file()}
+    return str(steps[max(steps)]) if steps else None
 
 
-def train(run: RunArgs, config) -> Path:
-    """Run one training job; returns the run folder."""
-    from tapo.core.verify import math_reward
+def load_train_set(run: RunArgs, seed: int):
+    """The validated problems as TRL's conversational dataset; a bad row raises DataError naming file, row and field."""
     from tapo.data import load_problems, to_conversational
+
+    dataset, n_skipped = load_problems(run.dataset, n=run.n_train, seed=seed, problem_field=run.problem_field,
+                                       answer_field=run.answer_field, skip_bad_rows=run.skip_bad_rows)
+    if n_skipped:
+        print(f"skipped {n_skipped} bad rows of {run.dataset}")
+    return to_conversational(dataset, system_prompt=run.system_prompt)
+
+
+def train(run: RunArgs, config, dataset=None) -> Path:
+    """Run one training job; returns the run folder. `dataset`: `load_train_set(run, config.seed)` when the caller
+    has already loaded it (the CLI does, so that bad data fails before any model is loaded)."""
+    from tapo.core.verify import math_reward
     from tapo.models import load_model_and_tokenizer, resolve_model
     from tapo.trainer import TAPOTrainer
 
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset, n_skipped = load_problems(run.dataset, n=run.n_train, seed=config.seed, problem_field=run.problem_field,
-                                       answer_field=run.answer_field, skip_bad_rows=run.skip_bad_rows)
-    if n_skipped:
-        print(f"skipped {n_skipped} bad rows of {run.dataset}")
-    dataset = to_conversational(dataset, system_prompt=run.system_prompt)
+    if dataset is None:
+        dataset = load_train_set(run, config.seed)
+    checkpoint = None
+    if run.resume:  # checked before the model loads
+        checkpoint = find_checkpoint(run.resume)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume {run.resume}: no complete checkpoint (checkpoint-N with trainer_state.json) found")
     model, tokenizer = load_model_and_tokenizer(resolve_model(run.model))
     (run_dir / "config.json").write_text(json.dumps({"run": asdict(run), "trainer": config.to_dict()}, indent=2, default=str))
 
@@ -165,11 +181,6 @@ def train(run: RunArgs, config) -> Path:
     trainer = trainer_cls(model=model, reward_funcs=[math_reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[MetricsLogger(run_dir / "metrics.jsonl"), LiveProgress()])
     trainer.remove_callback(PrinterCallback)  # LiveProgress shows the live numbers; metrics.jsonl keeps them all
-    checkpoint = None
-    if run.resume:
-        checkpoint = find_checkpoint(run.resume)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume {run.resume}: no complete checkpoint (checkpoint-N with trainer_state.json) found")
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(run_dir / "final"))
     if run.plot:

@@ -24,14 +24,18 @@ construction; otherwise old = current.detach() and the ratio is 1, as for TRL's 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather, gather_object
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import pad
+from trl.trainer.utils import RepeatSampler, pad
 
 from tapo.construct import CONSTRUCTORS, ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
 from tapo.core.advantages import decoupled_advantages
@@ -85,6 +89,23 @@ class TAPOConfig(GRPOConfig):
         default=None, metadata={"help": "constructor='teacher': an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."}
     )
     teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the endpoint's API key."})
+    # OPSD arm (--algorithm opsd, tapo.opsd.OPSDTrainer); ignored by TAPOTrainer.
+    opsd_divergence: str = field(
+        default="reverse_kl",
+        metadata={"help": "OPSD per-token divergence: 'reverse_kl' KL(student||teacher), 'forward_kl' "
+                  "KL(teacher||student) or 'jsd' (beta-mixture, opsd_jsd_beta)."},
+    )
+    opsd_jsd_beta: float = field(default=0.5, metadata={"help": "OPSD jsd: teacher weight beta in (0, 1) of the mixture."})
+    opsd_weight: float = field(default=1.0, metadata={"help": "OPSD: L = L_GRPO + opsd_weight * L_OPSD."})
+    opsd_include_grpo: bool = field(
+        default=True, metadata={"help": "OPSD: False drops the GRPO term (pure self-distillation, L = opsd_weight * L_OPSD)."}
+    )
+    opsd_reference: str = field(
+        default="sibling",
+        metadata={"help": "OPSD teacher's privileged context, first choice: 'sibling' (a correct rollout of the same "
+                  "group), 'solution' (the dataset's gold solution) or 'answer' (the gold answer); falls back in "
+                  "that order."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,6 +133,25 @@ def prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+TAPO_STATE_NAME = "tapo_state.json"  # beside trainer_state.json in every checkpoint: the trainer's own counters
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf loss; raised before backward, so the weights and every saved checkpoint stay as they were."""
+
+
+class ResumableRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler draws one permutation per epoch from a generator seeded once, so a run resumed in epoch e
+    would replay epoch 0's order. `set_epoch(e)` (called by the Trainer before each epoch) re-seeds and skips e
+    permutations: every epoch gets the order an uninterrupted run gives it."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
 
 
 class TAPOTrainer(GRPOTrainer):
@@ -344,14 +384,28 @@ class TAPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         grpo_loss = super()._compute_loss(model, inputs)
         if not self.args.tapo_enabled or "ref_mask_rows" not in inputs:
-            return grpo_loss
+            return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
         ref_loss = self._ref_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["tapo/loss_grpo"].append(grpo_loss.item())
         if ref_loss is None:
-            return grpo_loss
+            return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
         self._metrics[mode]["tapo/loss_ref"].append(ref_loss.item())
-        return grpo_loss + self.args.ref_loss_weight * ref_loss
+        return self._checked_finite(grpo_loss + self.args.ref_loss_weight * ref_loss, inputs, L_GRPO=grpo_loss,
+                                    L_ref=ref_loss)
+
+    def _checked_finite(self, loss: torch.Tensor, inputs: dict, **parts: torch.Tensor) -> torch.Tensor:
+        """`loss`, or NonFiniteLossError before a NaN/inf reaches backward (and so the weights and checkpoints)."""
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = gather(finite)  # every rank stops, instead of the others waiting forever in the next collective
+        if bool(finite.all()):
+            return loss
+        shown = ", ".join(f"{name}={part.item():.4g}" for name, part in parts.items())
+        cause = ("; the batch has non-finite advantages: a reward function returned NaN/inf?"
+                 if not torch.isfinite(inputs["advantages"]).all() else "")
+        raise NonFiniteLossError(f"non-finite loss at step {self.state.global_step + 1} ({shown}){cause}; the step was "
+                                 "stopped before backward, so the weights and saved checkpoints are unchanged")
 
     def _ref_loss(self, model, inputs) -> torch.Tensor | None:
         """lambda-free L_ref on this micro-batch's constructed rows, normalized like TRL's DAPO loss across steps."""
@@ -394,3 +448,50 @@ class TAPOTrainer(GRPOTrainer):
         if self.model.training:
             normalizer = normalizer * self.current_gradient_accumulation_steps / a.steps_per_generation
         return normalizer
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checkpoints and resume
+
+    def _get_train_sampler(self, dataset=None):
+        s = super()._get_train_sampler(dataset)
+        return ResumableRepeatSampler(s.data_source, s.mini_repeat_count, s.batch_size, s.repeat_count, s.shuffle, s.seed)
+
+    def _save_checkpoint(self, model, trial):
+        """Atomic: TRL / transformers write checkpoint-N into the hidden folder RUN/.tmp-checkpoint-N/, which is renamed
+        to RUN/checkpoint-N only once complete (with tapo_state.json), so a run killed mid-save never leaves a
+        checkpoint-N that resume could pick up. Old checkpoints are rotated out only after the rename."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, target = os.path.join(run_dir, f".tmp-{name}"), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging  # instance attribute: super() saves into staging/name
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.state.best_model_checkpoint == os.path.join(staging, name):  # set by super() when this step is best
+            self.state.best_model_checkpoint = target
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+        if self.args.should_save:
+            with open(os.path.join(staging, name, TAPO_STATE_NAME), "w") as f:
+                json.dump({"generation_round": self._generation_round, "step": self._step}, f)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            shutil.rmtree(target, ignore_errors=True)  # a complete but older save of this step (resumed from before it)
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """On resume, also restore the DCS round counter (it seeds which pairs get built) and TRL's micro-step
+        counter (it decides when the next generation happens)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, TAPO_STATE_NAME) if checkpoint is not None else None
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self._generation_round, self._step = state["generation_round"], state["step"]
