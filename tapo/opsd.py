@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from accelerate.utils import gather, gather_object
 from trl.trainer.utils import pad
 
-from tapo.trainer import TAPOTrainer, completion_text
+from tapo.trainer import OPSD_DIVERGENCES, OPSD_REFERENCES, TAPOTrainer, completion_text
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-REFERENCE_SOURCES = ("sibling", "solution", "answer")
+DIVERGENCES = OPSD_DIVERGENCES
+REFERENCE_SOURCES = OPSD_REFERENCES
 # opsd_reference -> the sources tried, in order: the chosen one and those after it.
 REFERENCE_ORDER = {source: REFERENCE_SOURCES[i:] for i, source in enumerate(REFERENCE_SOURCES)}
 TEACHER_TEMPLATE = "Here is a reference solution to the problem below:\n{reference}\n\nNow solve the problem yourself.\n\n{prompt}"
@@ -131,15 +131,7 @@ class OPSDTrainer(TAPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        a = self.args
-        if a.opsd_divergence not in DIVERGENCES:
-            raise ValueError(f"opsd_divergence={a.opsd_divergence!r}: choose one of {DIVERGENCES}")
-        if a.opsd_divergence == "jsd" and not 0.0 < a.opsd_jsd_beta < 1.0:
-            raise ValueError(f"opsd_jsd_beta={a.opsd_jsd_beta}: must lie strictly between 0 and 1")
-        if a.opsd_reference not in REFERENCE_ORDER:
-            raise ValueError(f"opsd_reference={a.opsd_reference!r}: choose one of {tuple(REFERENCE_ORDER)}")
-        if not a.opsd_include_grpo and a.opsd_weight == 0:
-            raise ValueError("opsd_include_grpo=False with opsd_weight=0 leaves no loss")
+        a = self.args  # option values are checked by TAPOConfig; only the combination with TAPO is checked here
         if not a.opsd_include_grpo and a.tapo_enabled:
             raise ValueError("opsd_include_grpo=False (pure distillation) cannot be combined with tapo_enabled=True")
 

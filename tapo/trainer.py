@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,10 @@ from tapo.core.losses import clipped_pg_loss
 from tapo.core.selection import select_candidates
 from tapo.core.tokens import label_tokens, span_fractions
 from tapo.core.weights import ots_weights
+
+# OPSD choices (the arm lives in tapo.opsd; its options are validated with the rest of the config).
+OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+OPSD_REFERENCES = ("sibling", "solution", "answer")
 
 # TRL loss types whose normalization we mirror for L_ref (the aggregation of `tapo.core.losses`).
 REF_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
@@ -119,8 +124,22 @@ class TAPOConfig(GRPOConfig):
             raise ValueError("constructor='teacher' needs teacher_model (a model path/name, or the endpoint's model name)")
         if self.ots_low > self.ots_high:
             raise ValueError(f"ots_low={self.ots_low} must be <= ots_high={self.ots_high}")
+        if self.opsd_divergence not in OPSD_DIVERGENCES:
+            raise ValueError(f"opsd_divergence={self.opsd_divergence!r}: choose one of {OPSD_DIVERGENCES}")
+        if self.opsd_divergence == "jsd" and not 0.0 < self.opsd_jsd_beta < 1.0:
+            raise ValueError(f"opsd_jsd_beta={self.opsd_jsd_beta}: must lie strictly between 0 and 1")
+        if self.opsd_reference not in OPSD_REFERENCES:
+            raise ValueError(f"opsd_reference={self.opsd_reference!r}: choose one of {OPSD_REFERENCES}")
+        if not self.opsd_include_grpo and self.opsd_weight == 0:
+            raise ValueError("opsd_include_grpo=False with opsd_weight=0 leaves no loss")
         if self.ref_max_length is None:
             self.ref_max_length = 2 * self.max_completion_length
+        generate_every = self.steps_per_generation * self.num_iterations
+        if self.save_steps >= 1 and (int(self.save_steps) * self.gradient_accumulation_steps) % generate_every:
+            # The buffered generation batch is not checkpointed: a resume from mid-buffer regenerates it, so the
+            # resumed run is still correct but no longer bit-identical to an uninterrupted one.
+            warnings.warn(f"save_steps={self.save_steps} does not fall on generation boundaries (every {generate_every} "
+                          "micro-steps): resuming from such a checkpoint regenerates its rollouts", stacklevel=2)
 
 
 def completion_text(completion) -> str:

@@ -137,6 +137,7 @@ CONFIG_ERRORS = [
     ("cli stray word", None, ["oops"], ["not used", "'oops'"]),
     ("rejected value", None, ["--constructor", "oracle"], ["constructor='oracle': choose one of"]),
     ("K=1", None, ["--num_generations", "1"], ["GRPO requires at least 2 generations per prompt"]),
+    ("opsd option", None, ["--algorithm", "opsd", "--opsd_divergence", "kl"], ["opsd_divergence='kl': choose one of"]),
 ]
 
 
