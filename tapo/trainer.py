@@ -250,16 +250,17 @@ class TAPOTrainer(GRPOTrainer):
                 continue
             trajectories[row] = (c.trajectory, ids, labels)
 
-        # Re-verify with the same reward functions (a collective call: every rank scores all its rows, with an empty
-        # completion where it has no construction, so gathered shapes match).
-        ref_completions = [self._as_completion(completions[i], trajectories[i][0].text) if i in trajectories
-                           else self._as_completion(completions[i], "") for i in range(n_local)]
-        ref_rewards = self._total_reward(super()._calculate_rewards(inputs, prompts, ref_completions,
-                                                                    [trajectories[i][1] if i in trajectories else []
-                                                                     for i in range(n_local)]))
         has_local = torch.zeros(n_local, dtype=torch.bool, device=device)
         has_local[list(trajectories)] = True
         has_global = gather(has_local)
+        # Re-verify with the same reward functions (a collective call: every rank scores all its rows, with an empty
+        # completion where it has no construction, so gathered shapes match). Skipped when no rank built anything.
+        ref_rewards = torch.zeros_like(orig_rewards)
+        if has_global.any():
+            ref_completions = [self._as_completion(completions[i], trajectories[i][0].text if i in trajectories else "")
+                               for i in range(n_local)]
+            ref_ids = [trajectories[i][1] if i in trajectories else [] for i in range(n_local)]
+            ref_rewards = self._total_reward(super()._calculate_rewards(inputs, prompts, ref_completions, ref_ids))
         accepted_global = has_global & (ref_rewards >= a.correct_threshold)
 
         # DAE: constructed rows get their own advantages; the original ones (already in `output`) are left untouched.
@@ -438,7 +439,7 @@ class TAPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"][rows], mask], dim=1)
         logps, entropy, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention, completion_ids.shape[1],
-                                                                     compute_entropy=True)
+                                                                     compute_entropy=self.args.ots_enabled)
         old = inputs["ref_old_per_token_logps"][rows] if "ref_old_per_token_logps" in inputs else logps.detach()
         ref_logps = inputs["ref_ref_per_token_logps"][rows] if "ref_ref_per_token_logps" in inputs else None
         a = self.args

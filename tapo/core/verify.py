@@ -104,7 +104,7 @@ def is_correct(completion: str, gold: str, timeout_s: float = 5.0) -> bool:
     both `$gold$` and `\\boxed{gold}`. `timeout_s` bounds the parse+verify work; waiting for a free worker and a
     worker's start-up are not counted. Thread-safe; never raises on bad input (non-str completion, None gold -> False).
     """
-    if not isinstance(completion, str) or gold is None:
+    if not isinstance(completion, str) or not completion.strip() or gold is None:
         return False
     gold = str(gold).strip()
     if not gold:
