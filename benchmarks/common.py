@@ -1,0 +1,226 @@
+"""What the benchmarks share: building trainers exactly as `tapo train` does, held-out data, and per-section timers.
+
+Configs go through `tapo.cli.parse_train_args` (embedded CPU default < the benchmark's settings), so a benchmark arm
+is the same run as `tapo train --key value ...` and `algorithm=grpo/opsd` means what it means on the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op CPU threads. On a CPU shared with other jobs, 1 thread can be several times faster than 2: an OpenMP
+    team waits at every barrier for its slowest, descheduled thread."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def opsd_available() -> bool:
+    return importlib.util.find_spec("tapo.opsd") is not None
+
+
+def as_argv(settings: dict) -> list[str]:
+    """{"n_pos": 1, "ots_enabled": False} -> ["--n_pos", "1", "--ots_enabled", "false"] (what the CLI would get)."""
+    argv = []
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def parse_settings(pairs: Iterable[str]) -> dict:
+    """--set key=value pairs (strings; the CLI parser converts and validates them)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def make_config(settings: dict):
+    """(RunArgs, TAPOConfig, explicit) for `settings` layered over the embedded default, through the CLI's own parser;
+    `explicit` holds every setting that is not a field default (what a GRPOConfig twin must be given)."""
+    from tapo.cli import parse_train_args
+
+    settings = {"output_dir": tempfile.mkdtemp(prefix="tapo-bench-"), "save_strategy": "no", **settings}
+    if not torch.cuda.is_available():
+        settings.setdefault("use_cpu", True)
+    return parse_train_args(as_argv(settings))
+
+
+def trainer_class(algorithm: str):
+    """The class `tapo.run.train` picks for an algorithm."""
+    if algorithm == "opsd":
+        from tapo.opsd import OPSDTrainer
+
+        return OPSDTrainer
+    from tapo.trainer import TAPOTrainer
+
+    return TAPOTrainer
+
+
+def load_train_set(run, config):
+    """The training set exactly as `tapo.run.train` builds it."""
+    from tapo.data import load_problems, to_conversational
+
+    dataset, _ = load_problems(run.dataset, n=run.n_train, seed=config.seed, problem_field=run.problem_field,
+                               answer_field=run.answer_field, skip_bad_rows=run.skip_bad_rows)
+    return to_conversational(dataset, system_prompt=run.system_prompt)
+
+
+def load_split(task: str, n_train: int, n_eval: int, seed: int = 0):
+    """(conversational train set, held-out problems): one draw of the task, split, and held-out rows whose problem text
+    also occurs in the train set dropped (generated tasks can repeat an item)."""
+    from tapo.data import load_problems, to_conversational, train_eval_split
+
+    dataset, _ = load_problems(task, n=n_train + n_eval, seed=seed)
+    train, held_out = train_eval_split(dataset, eval_size=n_eval, seed=seed)
+    seen = set(train["problem"])
+    held_out = held_out.filter(lambda row: row["problem"] not in seen)
+    return to_conversational(train), held_out
+
+
+def build_trainer(run, config, train_dataset, callbacks=(), cls=None):
+    """A trainer built like `tapo.run.train` builds it (model, reward, dataset), with extra callbacks."""
+    from tapo.core.verify import math_reward
+    from tapo.models import load_model_and_tokenizer, resolve_model
+
+    model, tokenizer = load_model_and_tokenizer(resolve_model(run.model))
+    cls = cls or trainer_class(run.algorithm)
+    trainer = cls(model=model, reward_funcs=[math_reward], args=config, train_dataset=train_dataset,
+                  processing_class=tokenizer, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the benchmarks print their own summaries
+    return trainer
+
+
+def warm_verifier() -> None:
+    """Start math-verify's worker processes now, so the first timed step does not pay for their start-up."""
+    from tapo.core.verify import math_reward
+
+    math_reward(None, ["\\boxed{1}"] * 4, ["2"] * 4)
+
+
+def machine() -> str:
+    """What the numbers were measured on."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}, load average at start {load:.1f}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # wall timers around asynchronous kernels measure nothing without it
+
+
+class SectionTimer:
+    """Exclusive wall time per call path of wrapped methods: time inside a nested wrapped call is charged to the
+    nested path only, so the paths' times add up to the time of the outermost calls. Wrapping is on the class, so
+    `super()` calls are timed too; `patch` undoes it on exit."""
+
+    def __init__(self):
+        self.totals: dict[tuple[str, ...], float] = defaultdict(float)
+        self._stack: list[str] = []
+        self._mark = 0.0
+
+    def _charge(self) -> None:
+        _sync()
+        now = time.perf_counter()
+        if self._stack:
+            self.totals[tuple(self._stack)] += now - self._mark
+        self._mark = now
+
+    def _wrap(self, fn: Callable, name: str) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._charge()
+            self._stack.append(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._charge()
+                self._stack.pop()
+
+        return timed
+
+    def patch(self, targets: Iterable[tuple[type, str]]):
+        """Context manager: wrap `cls.name` for every (cls, name) whose class itself defines `name`."""
+        @contextlib.contextmanager
+        def patched():
+            saved = []
+            for cls, name in targets:
+                if name in cls.__dict__:
+                    saved.append((cls, name, cls.__dict__[name]))
+                    setattr(cls, name, self._wrap(cls.__dict__[name], name))
+            try:
+                yield self
+            finally:
+                for cls, name, original in reversed(saved):
+                    setattr(cls, name, original)
+
+        return patched()
+
+    def snapshot(self) -> dict[tuple[str, ...], float]:
+        return dict(self.totals)
+
+
+def timed_targets() -> list[tuple[type, str]]:
+    """The trainer methods whose time the overhead and parity benchmarks split a step into."""
+    from accelerate import Accelerator
+    from trl import GRPOTrainer
+
+    from tapo.trainer import TAPOTrainer
+
+    grpo = ["training_step", "_generate_and_score_completions", "_generate_single_turn", "_calculate_rewards",
+            "_get_per_token_logps_and_entropies", "compute_loss"]
+    tapo = ["_generate_and_score_completions", "_calculate_rewards", "_attach_constructions", "_self_generate",
+            "_store_ref_rows", "_ref_loss"]
+    return [(GRPOTrainer, n) for n in grpo] + [(TAPOTrainer, n) for n in tapo] + [(Accelerator, "backward")]
+
+
+class StepClock(TrainerCallback):
+    """Wall time of each optimizer step (on_step_begin -> on_step_end: generation, scoring, construction, loss,
+    backward, optimizer step) and, with a timer, the section times spent inside it."""
+
+    def __init__(self, timer: SectionTimer | None = None):
+        self.timer = timer
+        self.steps: list[dict] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._before = self.timer.snapshot() if self.timer else {}
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        wall = time.perf_counter() - self._start
+        after = self.timer.snapshot() if self.timer else {}
+        sections = {path: t - self._before.get(path, 0.0) for path, t in after.items()}
+        self.steps.append({"step": state.global_step, "wall_s": wall,
+                           "sections": {p: t for p, t in sections.items() if t > 0}})

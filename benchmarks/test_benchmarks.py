@@ -1,0 +1,79 @@
+"""The benchmarks' own bookkeeping (timers, step splits, summaries); no model is trained here.
+
+    python3 -m pytest -q benchmarks/test_benchmarks.py
+"""
+
+import time
+
+import pytest
+from common import SectionTimer, as_argv, parse_settings
+from learning import summarize
+from overhead import section_name, split_step
+from parity import max_abs_diffs
+
+
+class Work:
+    def outer(self, timer_sleep, inner_sleep):
+        time.sleep(timer_sleep)
+        self.inner(inner_sleep)
+
+    def inner(self, seconds):
+        time.sleep(seconds)
+
+
+def test_section_timer_charges_nested_time_to_the_nested_path_only():
+    timer = SectionTimer()
+    with timer.patch([(Work, "outer"), (Work, "inner"), (Work, "missing")]):
+        Work().outer(0.05, 0.10)
+    assert Work.outer.__name__ == "outer" and not hasattr(Work.outer, "__wrapped__")  # restored on exit
+    totals = timer.snapshot()
+    assert set(totals) == {("outer",), ("outer", "inner")}
+    assert totals[("outer",)] == pytest.approx(0.05, abs=0.04)
+    assert totals[("outer", "inner")] == pytest.approx(0.10, abs=0.04)
+
+
+def test_section_names_follow_the_outermost_meaning():
+    assert section_name(("training_step", "_generate_and_score_completions", "_generate_single_turn")) == \
+        "rollout generation: generate"
+    # The synthesis goes through the same generation method, but inside the construction.
+    assert section_name(("training_step", "_generate_and_score_completions", "_attach_constructions",
+                         "_self_generate", "_generate_single_turn")) == "construction: synthesis generation"
+    assert section_name(("training_step", "_generate_and_score_completions", "_attach_constructions",
+                         "_calculate_rewards")) == "construction: re-verification"
+    assert section_name(("training_step", "compute_loss", "_ref_loss", "_get_per_token_logps_and_entropies")) == \
+        "loss + backward: L_ref forward"
+    assert section_name(("training_step", "backward")) == "loss + backward: backward"
+
+
+def test_split_step_puts_untimed_time_under_optimizer():
+    step = {"wall_s": 10.0, "sections": {("training_step", "_generate_and_score_completions", "_generate_single_turn"): 6.0,
+                                        ("training_step", "backward"): 2.5, ("training_step",): 0.5}}
+    split = split_step(step)
+    assert split == {"rollout generation: generate": 6.0, "loss + backward: backward": 2.5,
+                     "other: training_step rest": 0.5, "other: optimizer step + callbacks": 1.0}
+
+
+def test_max_abs_diffs_per_metric_nan_equal_on_both_sides():
+    a = [{"loss": 0.5, "reward": 0.25, "entropy": float("nan")}, {"loss": 0.1, "reward": 1.0}]
+    b = [{"loss": 0.5, "reward": 0.75, "entropy": float("nan")}, {"loss": 0.4, "reward": 1.0}]
+    assert max_abs_diffs(a, b) == pytest.approx({"loss": 0.3, "reward": 0.5})
+
+
+def test_summary_pairs_differences_by_seed():
+    def run(greedy, sampled):
+        return {"curve": [{"step": 0, "greedy": 0.1, "avg@k": 0.1}, {"step": 4, "greedy": greedy, "avg@k": sampled}]}
+
+    runs = {"grpo": {0: run(0.2, 0.1), 1: run(0.4, 0.3)}, "tapo": {0: run(0.3, 0.2), 1: run(0.4, 0.5)}}
+    summary = summarize(runs)
+    assert summary["grpo"]["greedy"] == pytest.approx((0.3, 0.1414213), abs=1e-6)  # stdev of [0.2, 0.4]
+    # Paired: tapo - grpo = [+0.1, 0.0] greedy and [+0.1, +0.2] avg@k.
+    assert summary["tapo"]["greedy - grpo"] == pytest.approx((0.05, 0.0707107), abs=1e-6)
+    assert summary["tapo"]["avg@k - grpo"] == pytest.approx((0.15, 0.0707107), abs=1e-6)
+    assert "greedy - grpo" not in summary["grpo"] and summary["tapo"]["final_step"] == 4
+
+
+def test_settings_round_trip_to_cli_arguments():
+    assert as_argv({"n_pos": 1, "ots_enabled": False}) == ["--n_pos", "1", "--ots_enabled", "false"]
+    assert parse_settings(["lr_scheduler_type=constant", "x=a=b"]) == {"lr_scheduler_type": "constant", "x": "a=b"}
+    with pytest.raises(SystemExit, match="key=value"):
+        parse_settings(["oops"])
