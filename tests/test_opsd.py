@@ -3,7 +3,6 @@ the tiny model with scripted rollouts (generation is the only thing replaced, as
 
 import math
 import random
-import types
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tapo.core.verify import math_reward
 from tapo.opsd import OPSDTrainer, choose_reference, teacher_prompt, token_divergence
 from tapo.trainer import TAPOConfig, TAPOTrainer
+
+from scripted import K, PROBLEMS, generation_batch, script_generation
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Divergences. Position 0: teacher p_T = (0.5, 0.25, 0.25), student p_S = (0.8, 0.1, 0.1). Position 1: both equal.
@@ -119,28 +120,6 @@ def test_teacher_prompt_puts_the_reference_before_the_problem():
 # ---------------------------------------------------------------------------------------------------------------------
 # OPSDTrainer on the tiny model
 
-PROBLEMS = {  # problem -> (gold, right rollout, wrong rollout)
-    "23 + 45 - 12": ("56", "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}",
-                     "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"),
-    "7 + 8 + 9": ("24", "7 + 8 = 15\n15 + 9 = 24\nThe answer is \\boxed{24}",
-                  "7 + 8 = 16\n16 + 9 = 25\nThe answer is \\boxed{25}"),
-}
-K = 4
-
-
-def scripted_generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-    """Per problem, rollouts cycle right, wrong, wrong, wrong: one correct rollout per group."""
-    out = []
-    for ids in prompt_ids:
-        problem = next(p for p in PROBLEMS if p in self._tokenizer.decode(ids))
-        n = self._scripted_count.get(problem, 0)
-        self._scripted_count[problem] = n + 1
-        _, right, wrong = PROBLEMS[problem]
-        text = right if n % K == 0 else wrong
-        out.append(self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id])
-    return out, None
-
-
 def make_trainer(tiny_model_dir, tmp_path, cls=OPSDTrainer, solutions=False, **overrides):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -154,15 +133,8 @@ def make_trainer(tiny_model_dir, tmp_path, cls=OPSDTrainer, solutions=False, **o
             for p, (gold, right, _) in PROBLEMS.items()]
     trainer = cls(model=model, reward_funcs=[math_reward], args=TAPOConfig(**kwargs), train_dataset=Dataset.from_list(rows),
                   processing_class=tokenizer)
-    trainer._scripted_count = {}
-    trainer._generate_single_turn = types.MethodType(scripted_generate, trainer)
+    script_generation(trainer, n_right=1)  # one correct rollout per group
     return trainer
-
-
-def generation_batch(trainer):
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; we call the loss directly
-    return trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
 
 
 def test_teacher_prompts_hold_a_correct_sibling(tiny_model_dir, tmp_path):

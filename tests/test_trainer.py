@@ -6,7 +6,6 @@ advantages, DCS, construction, re-verification, tokenization, DAE, loss) is the 
 """
 
 import math
-import types
 
 import pytest
 import torch
@@ -18,41 +17,7 @@ from tapo.core.tokens import CORRECTION, PREFIX, REFLECTION
 from tapo.core.verify import math_reward
 from tapo.trainer import TAPOConfig, TAPOTrainer
 
-PROBLEMS = {
-    "23 + 45 - 12": ("56", "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}",
-                     "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"),
-    "7 + 8 + 9": ("24", "7 + 8 = 15\n15 + 9 = 24\nThe answer is \\boxed{24}",
-                  "7 + 8 = 16\n16 + 9 = 25\nThe answer is \\boxed{25}"),
-}
-K = 4
-
-
-def synthesis_for(prompt: str) -> str:
-    """A well-formed synthesis for the problem named in a synthesis prompt: copy up to the error, reflect, fix."""
-    for problem, (gold, right, wrong) in PROBLEMS.items():
-        if problem in prompt:
-            first_line = right.splitlines()[0]
-            rest = "\n".join(right.splitlines()[1:])
-            return (f"<analysis>The first step is wrong.</analysis>\n<reconstruction>"
-                    f"Wait, the first step is wrong. {first_line}\n{rest}</reconstruction>")
-    raise AssertionError("unexpected synthesis prompt")
-
-
-def scripted_generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-    """Rollouts: per problem, rows cycle right, right, wrong, wrong. Synthesis prompts: a scripted synthesis."""
-    out = []
-    for ids in prompt_ids:
-        prompt = self._tokenizer.decode(ids)
-        if "<analysis>" in prompt:
-            text = synthesis_for(prompt)
-        else:
-            problem = next(p for p in PROBLEMS if p in prompt)
-            n = self._scripted_count.get(problem, 0)
-            self._scripted_count[problem] = n + 1
-            _, right, wrong = PROBLEMS[problem]
-            text = right if n % K < 2 else wrong
-        out.append(self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id])
-    return out, None
+from scripted import K, PROBLEMS, generation_batch, script_generation
 
 
 def dataset():
@@ -74,16 +39,8 @@ def make_trainer(tiny_model_dir, tmp_path, cls=TAPOTrainer, **overrides):
     kwargs.update(overrides)
     trainer = cls(model=model, reward_funcs=[math_reward], args=config_cls(**kwargs), train_dataset=dataset(),
                   processing_class=tokenizer)
-    trainer._scripted_count = {}
-    trainer._generate_single_turn = types.MethodType(scripted_generate, trainer)
+    script_generation(trainer, n_right=2)
     return trainer
-
-
-def generation_batch(trainer):
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; we call the loss directly
-    batch = next(iter(trainer.get_train_dataloader()))
-    return trainer._generate_and_score_completions(batch)
 
 
 @pytest.mark.parametrize("constructor", ["splice", "self"])

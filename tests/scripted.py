@@ -1,0 +1,55 @@
+"""Scripted rollouts for trainer tests: generation is the only thing replaced, everything after it is real.
+
+Each problem has a right and a wrong step-by-step solution. The replacement for TRL's `_generate_single_turn` returns,
+for every group of K rollouts of a problem, `n_right` right solutions then wrong ones; for a synthesis prompt it
+returns a well-formed synthesis (copy up to the error, reflect, fix).
+"""
+
+import types
+
+PROBLEMS = {  # problem -> (gold, right rollout, wrong rollout)
+    "23 + 45 - 12": ("56", "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}",
+                     "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"),
+    "7 + 8 + 9": ("24", "7 + 8 = 15\n15 + 9 = 24\nThe answer is \\boxed{24}",
+                  "7 + 8 = 16\n16 + 9 = 25\nThe answer is \\boxed{25}"),
+}
+K = 4
+
+
+def synthesis_for(prompt: str) -> str:
+    """A well-formed synthesis for the problem named in a synthesis prompt."""
+    for problem, (_, right, _) in PROBLEMS.items():
+        if problem in prompt:
+            first_line, *rest = right.splitlines()
+            return (f"<analysis>The first step is wrong.</analysis>\n<reconstruction>"
+                    f"Wait, the first step is wrong. {first_line}\n" + "\n".join(rest) + "</reconstruction>")
+    raise AssertionError("unexpected synthesis prompt")
+
+
+def script_generation(trainer, n_right: int) -> None:
+    """Replace `trainer._generate_single_turn` with the scripted rollouts (n_right right ones per group of K)."""
+    counts: dict[str, int] = {}
+
+    def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        out = []
+        for ids in prompt_ids:
+            prompt = self._tokenizer.decode(ids)
+            if "<analysis>" in prompt:
+                text = synthesis_for(prompt)
+            else:
+                problem = next(p for p in PROBLEMS if p in prompt)
+                n = counts.get(problem, 0)
+                counts[problem] = n + 1
+                _, right, wrong = PROBLEMS[problem]
+                text = right if n % K < n_right else wrong
+            out.append(self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id])
+        return out, None
+
+    trainer._generate_single_turn = types.MethodType(generate, trainer)
+
+
+def generation_batch(trainer):
+    """One scored generation batch, as the training loop would buffer it."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; tests call the loss directly
+    return trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
