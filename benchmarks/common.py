@@ -6,6 +6,7 @@ is the same run as `tapo train --key value ...` and `algorithm=grpo/opsd` means 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib.util
@@ -23,6 +24,17 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: --quick / --full (default: the CPU mode), --threads, --set."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a CPU shared with other jobs)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options, every arm")
+    return parser
 
 
 def set_threads(threads: int | None) -> None:

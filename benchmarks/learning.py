@@ -21,13 +21,13 @@ results/learning_<mode>.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 from common import (
+    benchmark_parser,
     RESULTS,
     build_trainer,
     load_split,
@@ -181,10 +181,7 @@ def plot(runs: dict, path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
-    mode.add_argument("--full", action="store_const", dest="mode", const="full")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (opsd only if tapo.opsd exists)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--steps", type=int, help="optimizer steps per run")
@@ -193,8 +190,6 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--model", help="any `tapo train --model` value (default: the mode's)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a CPU shared with other jobs)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options, all arms")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs in the results file")
     args = parser.parse_args()
     mode_name = args.mode or "default"

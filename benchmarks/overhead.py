@@ -22,10 +22,10 @@ this process only; tapo is not modified) and each step's wall time is split into
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 from common import (
+    benchmark_parser,
     RESULTS,
     SectionTimer,
     StepClock,
@@ -154,16 +154,11 @@ def print_report(summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
-    mode.add_argument("--full", action="store_const", dest="mode", const="full")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--steps", type=int, help="optimizer steps per arm (warm-up included)")
     parser.add_argument("--warmup", type=int, help="leading steps of each run left out of the means")
     parser.add_argument("--rounds", type=int, help="runs per arm, in alternating order (A B C, C B A, ...)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a CPU shared with other jobs)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options, all arms")
     args = parser.parse_args()
     mode_name = args.mode or "default"
     set_threads(args.threads)

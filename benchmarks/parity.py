@@ -14,12 +14,12 @@ Two checks:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
 
 from common import (
+    benchmark_parser,
     RESULTS,
     StepClock,
     build_trainer,
@@ -73,15 +73,10 @@ def max_abs_diffs(a: list[dict], b: list[dict]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
-    mode.add_argument("--full", action="store_const", dest="mode", const="full")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--rounds", type=int, help="A/B rounds (alternating order)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, help="leading steps of each run left out of the timing")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a CPU shared with other jobs)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options")
     args = parser.parse_args()
     mode_name = args.mode or "default"
     set_threads(args.threads)
