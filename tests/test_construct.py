@@ -1,0 +1,103 @@
+"""Constructors: splice / synthesis-writer dispatch, the local HF teacher, and the OpenAI-compatible endpoint teacher
+(against a real HTTP server on 127.0.0.1), plus the trainer's teacher wiring."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from scripted import generation_batch, synthesis_for
+from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
+from tapo.core.verify import is_correct
+
+WRONG = "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"
+RIGHT = "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}"
+REQUEST = ConstructionRequest("23 + 45 - 12", WRONG, RIGHT, "56")
+
+
+def test_splice_needs_no_generator_and_builds_a_correct_trajectory():
+    [built] = construct([REQUEST], "splice")
+    assert built.parsed and built.raw is None
+    prefix, reflection, _ = built.trajectory.parts()
+    assert WRONG.startswith(prefix) and "wrong" in reflection.lower() and is_correct(built.trajectory.text, "56")
+
+
+def test_writer_constructors_batch_one_call_and_report_unparsed_outputs():
+    calls = []
+
+    def writer(messages):
+        calls.append(messages)
+        return [synthesis_for(messages[0]), "no tags at all"]
+
+    good, bad = construct([REQUEST, REQUEST], "teacher", writer)
+    assert len(calls) == 1 and len(calls[0]) == 2 and "23 + 45 - 12" in calls[0][0]
+    assert good.parsed and is_correct(good.trajectory.text, "56") and "Wait" in good.trajectory.parts()[1]
+    assert not bad.parsed and bad.trajectory is None and bad.raw == "no tags at all"
+    with pytest.raises(ValueError, match="needs a generation function"):
+        construct([REQUEST], "self")
+    with pytest.raises(ValueError, match="unknown constructor"):
+        construct([REQUEST], "oracle")
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _ChatHandler.seen.append((self.path, self.headers["Authorization"], body))
+        reply = {"choices": [{"message": {"content": synthesis_for(body["messages"][0]["content"])}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_openai_compatible_teacher_against_a_local_server(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), _ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("TAPO_TEST_KEY", "secret")
+        teacher = OpenAIChatGenerator(f"http://127.0.0.1:{server.server_port}/v1/", "teacher-model",
+                                      api_key_env="TAPO_TEST_KEY", max_tokens=64, timeout_s=10)
+        [built] = construct([REQUEST], "teacher", teacher)
+    finally:
+        server.shutdown()
+    path, auth, body = _ChatHandler.seen[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer secret"
+    assert body["model"] == "teacher-model" and body["max_tokens"] == 64
+    assert built.parsed and is_correct(built.trajectory.text, "56")
+
+
+def test_unreachable_endpoint_is_a_failed_construction_not_a_crash():
+    server = HTTPServer(("127.0.0.1", 0), _ChatHandler)
+    port = server.server_port
+    server.server_close()  # nothing listens there now
+    teacher = OpenAIChatGenerator(f"http://127.0.0.1:{port}/v1", "m", timeout_s=5)
+    [built] = construct([REQUEST], "teacher", teacher)
+    assert not built.parsed and built.raw.startswith("[teacher request failed")
+
+
+def test_local_hf_teacher_generates_one_text_per_message(tiny_model_dir):
+    teacher = HFGenerator(str(tiny_model_dir), max_new_tokens=4, temperature=0.0, batch_size=2)
+    out = teacher(["a", "bb", "ccc"])
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+
+
+def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="teacher", teacher_model=str(tiny_model_dir))
+    assert isinstance(trainer._teacher, HFGenerator)
+    asked = []
+    trainer._teacher = lambda messages: asked.extend(messages) or [synthesis_for(m) for m in messages]
+    out = generation_batch(trainer)
+    assert len(asked) == 4 and all("<analysis>" in m for m in asked)
+    assert int(out["ref_mask_rows"].sum()) == 4
+    assert trainer._metrics["train"]["tapo/constructions_accepted"] == [4.0]
