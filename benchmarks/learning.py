@@ -11,7 +11,8 @@ Held-out accuracy, measured on problems that are not in the training split every
   avg@k    mean over problems of the share of k samples (training temperature) that are correct
 Both are generated with the training prompt (tapo.data.PROMPT_TEMPLATE in the chat template) and the training
 completion budget, from fixed seeds (the same draws for every arm), and graded by tapo.core.verify.is_correct.
-Results go to results/learning_<mode>.json (finished runs are kept: rerunning the same command resumes) and
+Results go to results/learning_<mode>.json (finished runs are kept: rerunning resumes; other seeds or arms, also from
+concurrent processes, are added to the same file) and
 results/learning_<mode>.png.
 
     python benchmarks/learning.py --quick     # tiny random model: proves the pipeline in minutes, learns nothing
@@ -21,6 +22,7 @@ results/learning_<mode>.png.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import statistics
 import time
@@ -125,6 +127,18 @@ def train_arm(arm: str, seed: int, spec: dict, train_set, evaluate: HeldOutEval,
             "wall_s": time.perf_counter() - start, "machine": machine()}
 
 
+def same_setup(a: dict | None, b: dict) -> bool:
+    """Runs are comparable when everything but the list of seeds is equal."""
+    return a is not None and {**a, "seeds": None} == {**b, "seeds": None}
+
+
+def merge_runs(runs: dict, saved: dict) -> None:
+    """Add the saved (arm, seed) runs that `runs` does not have yet."""
+    for arm, by_seed in saved.get("runs", {}).items():
+        for seed, run in by_seed.items():
+            runs.setdefault(arm, {}).setdefault(int(seed), run)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -210,10 +224,13 @@ def main() -> None:
         arms = ["grpo", *arms]  # every difference is taken against GRPO
 
     out_json, out_png = RESULTS / f"learning_{mode_name}.json", RESULTS / f"learning_{mode_name}.png"
-    previous = json.loads(out_json.read_text()) if out_json.exists() and not args.fresh else {}
-    same = previous.get("spec") == spec
-    runs = {arm: {int(s): r for s, r in previous.get("runs", {}).get(arm, {}).items()} for arm in arms} if same else {
-        arm: {} for arm in arms}
+    if args.fresh:
+        out_json.unlink(missing_ok=True)
+    previous = json.loads(out_json.read_text()) if out_json.exists() else {}
+    same = same_setup(previous.get("spec"), spec)
+    runs = {arm: {} for arm in arms}
+    if same:
+        merge_runs(runs, previous)
     where = machine()
     print(f"learning, mode {mode_name}, {where}\narms {arms}, seeds {spec['seeds']}")
 
@@ -231,14 +248,26 @@ def main() -> None:
     print(f"before training: greedy {base['greedy']:.3f}  avg@k {base['avg@k']:.3f}  ({base['eval_s']:.0f} s)")
 
     def save():
-        result = {"mode": mode_name, "machine": where, "spec": spec, "arms": {a: ARMS[a] for a in arms},
-                  "n_train": len(train_set), "n_held_out": len(held_out), "base": base, "runs": runs,
-                  "summary": summarize({a: r for a, r in runs.items() if r})}
-        write_json(out_json, result)
+        # Several processes may fill the same file (e.g. one per seed on a multi-core machine): under a lock, take in
+        # whatever the others finished since, then write everything.
+        with open(out_json.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(out_json.read_text()) if out_json.exists() else {}
+            if same_setup(on_disk.get("spec"), spec):
+                merge_runs(runs, on_disk)
+                seeds = sorted({*on_disk["spec"]["seeds"], *spec["seeds"]})
+            else:
+                seeds = spec["seeds"]
+            done = {a: r for a, r in runs.items() if r}
+            result = {"mode": mode_name, "machine": where, "spec": {**spec, "seeds": seeds},
+                      "arms": {a: ARMS[a] for a in done}, "n_train": len(train_set), "n_held_out": len(held_out),
+                      "base": base, "runs": runs, "summary": summarize(done)}
+            write_json(out_json, result)
         return result
 
     for seed in spec["seeds"]:  # seed-major: a cut-short run still has every arm of its first seeds
         for arm in arms:
+            save()  # also takes in what other processes finished meanwhile
             if seed in runs[arm]:
                 print(f"{arm} seed {seed}: already done", flush=True)
                 continue

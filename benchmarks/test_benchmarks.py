@@ -7,7 +7,7 @@ import time
 
 import pytest
 from common import SectionTimer, as_argv, parse_settings
-from learning import summarize
+from learning import merge_runs, same_setup, summarize
 from overhead import section_name, split_step
 from parity import max_abs_diffs
 
@@ -70,6 +70,16 @@ def test_summary_pairs_differences_by_seed():
     assert summary["tapo"]["greedy - grpo"] == pytest.approx((0.05, 0.0707107), abs=1e-6)
     assert summary["tapo"]["avg@k - grpo"] == pytest.approx((0.15, 0.0707107), abs=1e-6)
     assert "greedy - grpo" not in summary["grpo"] and summary["tapo"]["final_step"] == 4
+
+
+def test_results_of_other_seeds_and_processes_are_kept():
+    spec = {"train": {"max_steps": 8}, "k": 2, "seeds": [0]}
+    assert same_setup({**spec, "seeds": [1, 2]}, spec)  # more seeds: same experiment, resume
+    assert not same_setup({**spec, "k": 4}, spec) and not same_setup(None, spec)
+    assert not same_setup({**spec, "train": {"max_steps": 4}}, spec)
+    mine = {"grpo": {1: "mine"}, "tapo": {}}
+    merge_runs(mine, {"runs": {"grpo": {"0": "saved", "1": "stale"}, "opsd": {"2": "other process"}}})
+    assert mine == {"grpo": {0: "saved", 1: "mine"}, "tapo": {}, "opsd": {2: "other process"}}
 
 
 def test_settings_round_trip_to_cli_arguments():
