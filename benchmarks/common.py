@@ -99,14 +99,12 @@ def load_train_set(run, config):
 
 
 def load_split(task: str, n_train: int, n_eval: int, seed: int = 0):
-    """(conversational train set, held-out problems): one draw of the task, split, and held-out rows whose problem text
-    also occurs in the train set dropped (generated tasks can repeat an item)."""
+    """(conversational train set, held-out problems): one draw of the task, split (held-out rows that repeat a
+    training problem are dropped, so there can be fewer than `n_eval`)."""
     from tapo.data import load_problems, to_conversational, train_eval_split
 
     dataset, _ = load_problems(task, n=n_train + n_eval, seed=seed)
     train, held_out = train_eval_split(dataset, eval_size=n_eval, seed=seed)
-    seen = set(train["problem"])
-    held_out = held_out.filter(lambda row: row["problem"] not in seen)
     return to_conversational(train), held_out
 
 

@@ -234,7 +234,9 @@ def to_conversational(
 def train_eval_split(
     dataset: datasets.Dataset, eval_size: int | float, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, held-out eval): `eval_size` rows, or that fraction, drawn with `seed`. For reasoning-gym tasks a
-    second `load_problems` call with another seed is an alternative, but generated items may then repeat."""
+    """(train, held-out eval): `eval_size` rows, or that fraction, drawn with `seed`; held-out rows whose problem text
+    also occurs in the train split are then dropped, so the held-out set can come out smaller (generated tasks such
+    as reasoning-gym's repeat items, and a repeated item would grade memorization, not generalization)."""
     parts = dataset.train_test_split(test_size=eval_size, seed=seed)
-    return parts["train"], parts["test"]
+    seen = set(parts["train"]["problem"])
+    return parts["train"], parts["test"].filter(lambda row: row["problem"] not in seen)

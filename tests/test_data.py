@@ -201,3 +201,14 @@ def test_train_eval_split_is_disjoint_and_seeded(tmp_path):
     assert (len(train), len(held_out)) == (7, 3)
     assert set(train["id"]) | set(held_out["id"]) == set(dataset["id"])
     assert held_out["id"] == train_eval_split(dataset, eval_size=3, seed=0)[1]["id"]
+
+
+def test_train_eval_split_drops_held_out_repeats_of_training_problems(tmp_path):
+    # Ten rows, three distinct problems: held-out rows whose text is also a training row's must go, the rest stay.
+    rows = [{"problem": f"{i % 3}+1?", "answer": i % 3 + 1} for i in range(10)]
+    dataset, _ = load_problems(write_jsonl(tmp_path / "p.jsonl", rows))
+    train, held_out = train_eval_split(dataset, eval_size=5, seed=0)
+    drawn = dataset.train_test_split(test_size=5, seed=0)["test"]
+    assert len(train) == 5 and not set(held_out["problem"]) & set(train["problem"])
+    assert held_out["id"] == [r["id"] for r in drawn if r["problem"] not in set(train["problem"])]
+    assert len(held_out) < 5  # problem counts 4, 3, 3: no 5 training rows can leave the held-out ones disjoint
