@@ -29,8 +29,9 @@ import time
 
 import torch
 from common import (
-    benchmark_parser,
     RESULTS,
+    TASK,
+    benchmark_parser,
     build_trainer,
     load_split,
     machine,
@@ -47,7 +48,6 @@ from tapo.evaluation.generate import TransformersSampler, prompt_ids
 from tapo.evaluation.runner import derive_seed
 from tapo.models import load_model_and_tokenizer
 
-TASK = "rg:chain_sum:min_terms=2,max_terms=2,max_digits=2"  # SmolLM2-135M-Instruct: ~10-20% greedy at the start
 MODES = {
     "quick": dict(train=dict(model="tiny", dataset=TASK, per_device_train_batch_size=8, num_generations=4, n_pos=1,
                              n_neg=2, max_completion_length=32, synthesis_max_tokens=64, max_steps=4),

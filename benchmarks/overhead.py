@@ -25,8 +25,9 @@ from __future__ import annotations
 import statistics
 
 from common import (
-    benchmark_parser,
     RESULTS,
+    TASK,
+    benchmark_parser,
     SectionTimer,
     StepClock,
     build_trainer,
@@ -40,7 +41,6 @@ from common import (
     write_json,
 )
 
-TASK = "rg:chain_sum:min_terms=2,max_terms=2,max_digits=2"  # SmolLM2 solves some: DCS fires, constructions happen
 MODES = {
     "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16, num_generations=8,
                   max_completion_length=64, synthesis_max_tokens=128, max_steps=4),

@@ -19,8 +19,9 @@ import math
 import statistics
 
 from common import (
-    benchmark_parser,
     RESULTS,
+    TASK,
+    benchmark_parser,
     StepClock,
     build_trainer,
     load_train_set,
@@ -33,7 +34,6 @@ from common import (
 )
 from trl import GRPOConfig, GRPOTrainer
 
-TASK = "rg:chain_sum:min_terms=2,max_terms=2,max_digits=2"
 MODES = {
     "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16, num_generations=8,
                   max_completion_length=64, max_steps=6),
