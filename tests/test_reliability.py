@@ -8,7 +8,6 @@ actually happen (a random model never writes the right answer).
 
 import json
 import math
-import os
 import random
 import signal
 import subprocess
