@@ -85,6 +85,14 @@ def test_benchmark_summary_flags_incomplete_problems():
     assert list(summary["pass@k"]) == ["1"]  # pass@2 needs 2 samples of every problem
 
 
+def test_avg_at_k_averages_over_problems_when_sample_counts_differ():
+    # p1: 1 of 1 right, p2: 1 of 4 right. Per problem: (1 + 1/4) / 2 = 0.625; pooled over samples it would be 2/5.
+    summary = benchmark_summary({"p1": [record(True)], "p2": [record(True)] + [record(False)] * 3}, k=4)
+    assert summary["avg@k"] == pytest.approx(0.625)
+    assert summary["pass@k"] == {"1": pytest.approx(0.625)}  # pass@1 = avg@k, also per problem
+    assert not summary["complete"] and summary["n_samples"] == 5
+
+
 def test_reflection_metrics_counts():
     samples = [
         record(True),  # direct and right
