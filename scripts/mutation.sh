@@ -40,7 +40,7 @@ for file in "${files[@]}"; do
 [tool.mutmut]
 source_paths = ["tapo"]
 only_mutate = ["$file", "tapo/$(basename "$file")*"]
-tests_dir = [${test_list%, }]
+pytest_add_cli_args_test_selection = [${test_list%, }]
 also_copy = ["tests"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
 EOF

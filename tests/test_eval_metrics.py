@@ -101,12 +101,13 @@ def test_reflection_metrics_counts():
         record(False, reflected=True, first_correct=False),  # reflection does not fix
         record(False, reflected=True, first_correct=True),  # reflection breaks a right answer
         record(True, reflected=True, first_correct=True),  # reflection keeps a right answer
+        record(True, reflected=True, first_correct=True),  # ... twice: broken and kept counts differ (1 vs 2)
     ]
     metrics = reflection_metrics(samples)
-    assert metrics["dsr"] == {"value": 3 / 6, "count": 3, "total": 6}
+    assert metrics["dsr"] == {"value": 4 / 7, "count": 4, "total": 7}
     assert metrics["err"] == {"value": 1 / 2, "count": 1, "total": 2}
-    assert metrics["reflection_rate"] == {"value": 4 / 6, "count": 4, "total": 6}
-    assert metrics["broken_by_reflection"] == {"value": 1 / 2, "count": 1, "total": 2}
+    assert metrics["reflection_rate"] == {"value": 5 / 7, "count": 5, "total": 7}
+    assert metrics["broken_by_reflection"] == {"value": 1 / 3, "count": 1, "total": 3}
     assert reflection_metrics([record(True)])["err"] == {"value": None, "count": 0, "total": 0}
 
 
