@@ -82,7 +82,8 @@ def micro_batches(batch: dict, size: int) -> list[dict]:
 
 
 def constructed_logps(trainer, model, batch, rows):
-    """Log-probs and entropies of the constructed completion tokens, from one plain forward pass of `model`."""
+    """Log-probs and entropies of the constructed completion tokens, from one plain forward pass of `model`, under
+    the trainer's autocast (TRL's default bf16, on CPU too): hence tolerances of ~1e-2 on single log-probs."""
     ids, mask = batch[COLUMNS["ids"]][rows], batch[COLUMNS["mask"]][rows]
     prompt = batch["prompt_ids"][rows]
     with torch.no_grad(), trainer.accelerator.autocast():
@@ -224,11 +225,11 @@ def test_old_logps_and_reference_branches_with_several_iterations_and_kl(tiny_mo
     assert trainer.ref_model is not None
     rows = whole[COLUMNS["rows"]].nonzero().flatten()
     mask = whole[COLUMNS["mask"]][rows].bool()
-    ref_logps, _ = constructed_logps(trainer, trainer.ref_model, whole, torch.arange(len(whole["prompt_ids"])))
-    torch.testing.assert_close(whole[COLUMNS["ref_logps"]][rows][mask], ref_logps[rows][mask], atol=2e-2, rtol=0)
+    ref_logps, _ = constructed_logps(trainer, trainer.ref_model, whole, rows)
+    torch.testing.assert_close(whole[COLUMNS["ref_logps"]][rows][mask], ref_logps[mask], atol=2e-2, rtol=0)
     current, _ = constructed_logps(trainer, trainer.model, whole, rows)
     torch.testing.assert_close(whole[COLUMNS["old_logps"]][rows][mask], current[mask], atol=2e-2, rtol=0)  # ratio 1
-    assert (current - ref_logps[rows])[mask].abs().mean() > 0.5  # the KL term is far from zero
+    assert (current - ref_logps)[mask].abs().mean() > 0.5  # the KL term is far from zero
 
     for micro in micro_batches(whole, K):
         expected, _, ratio = expected_ref_loss(trainer, micro, whole)
