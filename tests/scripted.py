@@ -7,6 +7,11 @@ returns a well-formed synthesis (copy up to the error, reflect, fix).
 
 import types
 
+# The constructed-row columns TAPOTrainer adds to TRL's batch, by role: the one place that spells their names.
+COLUMNS = {"ids": "ref_completion_ids", "mask": "ref_completion_mask", "advantages": "ref_advantages",
+           "rows": "ref_mask_rows", "num_items": "ref_num_items", "num_seqs": "ref_num_seqs",
+           "old_logps": "ref_old_per_token_logps", "ref_logps": "ref_ref_per_token_logps"}
+
 PROBLEMS = {  # problem -> (gold, right rollout, wrong rollout)
     "23 + 45 - 12": ("56", "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}",
                      "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"),
@@ -26,8 +31,10 @@ def synthesis_for(prompt: str) -> str:
     raise AssertionError("unexpected synthesis prompt")
 
 
-def script_generation(trainer, n_right: int) -> None:
-    """Replace `trainer._generate_single_turn` with the scripted rollouts (n_right right ones per group of K)."""
+def script_generation(trainer, n_right: int | None = None, pattern: str | None = None, synthesis=synthesis_for) -> None:
+    """Replace `trainer._generate_single_turn` with the scripted rollouts: per group of K, `n_right` right ones then
+    wrong ones, or member i right iff pattern[i] == "R". Synthesis prompts are answered with `synthesis(prompt)`."""
+    pattern = pattern or "R" * n_right + "W" * (K - n_right)
     counts: dict[str, int] = {}
 
     def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -35,13 +42,13 @@ def script_generation(trainer, n_right: int) -> None:
         for ids in prompt_ids:
             prompt = self._tokenizer.decode(ids)
             if "<analysis>" in prompt:
-                text = synthesis_for(prompt)
+                text = synthesis(prompt)
             else:
                 problem = next(p for p in PROBLEMS if p in prompt)
                 n = counts.get(problem, 0)
                 counts[problem] = n + 1
                 _, right, wrong = PROBLEMS[problem]
-                text = right if n % K < n_right else wrong
+                text = right if pattern[n % len(pattern)] == "R" else wrong
             out.append(self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id])
         return out, None
 

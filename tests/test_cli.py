@@ -4,6 +4,7 @@ loaded) for every bad option, config file or data file."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import yaml
 
 from tapo.cli import main, parse_train_args
 from tapo.trainer import NonFiniteLossError
+
+from checkout import REPO_ROOT, checkout_env
 
 GOOD_ROWS = [{"id": f"q{i}", "problem": f"{i} + {i}", "answer": str(2 * i)} for i in range(4)]
 
@@ -206,8 +209,15 @@ def test_non_finite_loss_exits_1_and_names_the_checkpoint_to_resume(tmp_path, ca
 def test_the_command_exits_with_the_error_code(tmp_path):
     """The real entry point, in a fresh process: the exit status and a one-line message reach the shell."""
     done = subprocess.run([sys.executable, "-m", "tapo.cli", "train", "--n_poss", "3"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, check=False)
+                          cwd=tmp_path, env=checkout_env(), timeout=120, check=False)
     assert done.returncode == 2
     assert [line for line in done.stderr.splitlines() if line.startswith("tapo train:")] == [
         "tapo train: unknown option(s) in the command line:"]
     assert "Traceback" not in done.stderr
+
+
+def test_subprocesses_import_the_checkout_under_test(tmp_path):
+    """Not the `tapo` that pip installed elsewhere: a fix in this checkout must be what the subprocess tests run."""
+    done = subprocess.run([sys.executable, "-c", "import tapo.cli; print(tapo.cli.__file__)"], capture_output=True,
+                          text=True, cwd=tmp_path, env=checkout_env(), timeout=60, check=True)
+    assert Path(done.stdout.strip()).resolve() == REPO_ROOT / "tapo" / "cli.py"

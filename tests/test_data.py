@@ -85,6 +85,8 @@ def test_field_absent_everywhere_names_field_and_seen_fields(tmp_path):
         ('{"problem": "p", "answer": [1, 2]}', "answer", "expected a string or number, got list"),
         ('{"problem": "p", "answer": true}', "answer", "expected a string or number, got bool"),
         ('{"problem": "p", "answer": NaN}', "answer", "not a finite number: nan"),
+        ('{"problem": "p", "answer": Infinity}', "answer", "not a finite number: inf"),
+        ('{"problem": "p", "answer": -Infinity}', "answer", "not a finite number: -inf"),
         ('{"problem": ["p"], "answer": "1"}', "problem", "expected a string or number, got list"),
         ('{"id": {"k": 1}, "problem": "p", "answer": "1"}', "id", "expected a string or number, got dict"),
         ('{"problem": "p", "answer": "1", "solution": 3}', "solution", "expected a string, got int"),

@@ -85,6 +85,14 @@ def test_benchmark_summary_flags_incomplete_problems():
     assert list(summary["pass@k"]) == ["1"]  # pass@2 needs 2 samples of every problem
 
 
+def test_avg_at_k_averages_over_problems_when_sample_counts_differ():
+    # p1: 1 of 1 right, p2: 1 of 4 right. Per problem: (1 + 1/4) / 2 = 0.625; pooled over samples it would be 2/5.
+    summary = benchmark_summary({"p1": [record(True)], "p2": [record(True)] + [record(False)] * 3}, k=4)
+    assert summary["avg@k"] == pytest.approx(0.625)
+    assert summary["pass@k"] == {"1": pytest.approx(0.625)}  # pass@1 = avg@k, also per problem
+    assert not summary["complete"] and summary["n_samples"] == 5
+
+
 def test_reflection_metrics_counts():
     samples = [
         record(True),  # direct and right
@@ -93,12 +101,13 @@ def test_reflection_metrics_counts():
         record(False, reflected=True, first_correct=False),  # reflection does not fix
         record(False, reflected=True, first_correct=True),  # reflection breaks a right answer
         record(True, reflected=True, first_correct=True),  # reflection keeps a right answer
+        record(True, reflected=True, first_correct=True),  # ... twice: broken and kept counts differ (1 vs 2)
     ]
     metrics = reflection_metrics(samples)
-    assert metrics["dsr"] == {"value": 3 / 6, "count": 3, "total": 6}
+    assert metrics["dsr"] == {"value": 4 / 7, "count": 4, "total": 7}
     assert metrics["err"] == {"value": 1 / 2, "count": 1, "total": 2}
-    assert metrics["reflection_rate"] == {"value": 4 / 6, "count": 4, "total": 6}
-    assert metrics["broken_by_reflection"] == {"value": 1 / 2, "count": 1, "total": 2}
+    assert metrics["reflection_rate"] == {"value": 5 / 7, "count": 5, "total": 7}
+    assert metrics["broken_by_reflection"] == {"value": 1 / 3, "count": 1, "total": 3}
     assert reflection_metrics([record(True)])["err"] == {"value": None, "count": 0, "total": 0}
 
 

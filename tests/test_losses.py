@@ -203,7 +203,7 @@ class _Accelerator:
 
 
 def _trl_loss(loss_type, logprobs, inputs, beta, delta, accumulation=3, steps_per_generation=2, max_len=6):
-    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    from trl.trainer import grpo_trainer  # a declared dependency: a moved module must fail, not skip
     trainer = SimpleNamespace(
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
         beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,

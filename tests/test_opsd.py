@@ -255,3 +255,37 @@ def test_non_finite_opsd_term_stops_before_backward(tiny_model_dir, tmp_path):
     trainer._opsd_loss = lambda model, inputs: torch.tensor(float("nan"))
     with pytest.raises(NonFiniteLossError, match="L_OPSD=nan"):
         trainer.compute_loss(trainer.model, out)
+
+
+def test_loss_matches_an_independent_recomputation_with_temperature_and_micro_batches(tiny_model_dir, tmp_path):
+    # T = 0.7, and one generation of 2K rows split into 2 micro-batches of K within ONE accumulation window
+    # (steps_per_generation=2, gradient_accumulation_steps=1): the normaliser is N * 1/2, N the batch's token count.
+    trainer = make_trainer(tiny_model_dir, tmp_path, temperature=0.7, per_device_train_batch_size=K,
+                           steps_per_generation=2, gradient_accumulation_steps=1, opsd_weight=0.5,
+                           opsd_divergence="reverse_kl")
+    whole = generation_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1
+    model, n_tokens = trainer.model, whole["completion_mask"].sum()
+
+    def loss_from_scratch(micro, temperature):
+        """sum over tokens of KL(p_S || p_T) at `temperature`, over the global normaliser N * 1/2."""
+        def log_probs(prompt_ids, prompt_mask):
+            ids = torch.cat([prompt_ids, micro["completion_ids"]], dim=1)
+            mask = torch.cat([prompt_mask, micro["completion_mask"]], dim=1)
+            with torch.no_grad(), trainer.accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            return (logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature).log_softmax(-1)
+
+        log_s = log_probs(micro["prompt_ids"], micro["prompt_mask"])
+        log_t = log_probs(micro["opsd_teacher_prompt_ids"], micro["opsd_teacher_prompt_mask"])
+        reverse_kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+        return (reverse_kl * micro["completion_mask"]).sum() / (n_tokens * 1 / 2)
+
+    for start in (0, K):
+        micro = {k: v[start : start + K] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in whole.items()}
+        with torch.no_grad():
+            total = trainer._compute_loss(model, micro)
+            grpo = TAPOTrainer._compute_loss(trainer, model, micro)
+        expected = loss_from_scratch(micro, 0.7)
+        torch.testing.assert_close((total - grpo) / 0.5, expected, atol=1e-4, rtol=1e-3)
+        assert not torch.allclose(loss_from_scratch(micro, 1.0), expected, rtol=1e-2)  # T matters on this batch

@@ -8,7 +8,6 @@ actually happen (a random model never writes the right answer).
 
 import json
 import math
-import os
 import random
 import signal
 import subprocess
@@ -29,6 +28,8 @@ from tapo.cli import main
 from tapo.core.verify import math_reward
 from tapo.run import find_checkpoint, read_metrics
 from tapo.trainer import TAPO_STATE_NAME, NonFiniteLossError, ResumableRepeatSampler, TAPOConfig, TAPOTrainer
+
+from checkout import checkout_env
 
 K = 4
 PROBLEMS = {  # problem: (gold, right rollout, wrong rollout)
@@ -291,7 +292,7 @@ def test_same_seed_and_config_give_the_same_metrics(tiny_model_dir, tmp_path, mo
 
 
 def tapo_train(tmp_path, *args) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    env = checkout_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     return subprocess.Popen([sys.executable, str(driver), "train", *args], env=env, cwd=tmp_path,

@@ -215,6 +215,16 @@ def test_shutdown_stops_workers_and_the_pool_restarts():
     assert is_correct("\\boxed{0.25}", "1/4") is True
 
 
+def test_workers_run_under_the_memory_limit():
+    """A worker's address space is capped at WORKER_MEMORY_BYTES (read back from the kernel, so removing the
+    setrlimit call, or raising the cap, fails here)."""
+    assert is_correct("\\boxed{0.25}", "1/4") is True  # at least one worker is alive
+    for worker in list(verify._live_workers):
+        limits = open(f"/proc/{worker.process.pid}/limits").read()
+        soft, hard = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max address space"))
+        assert int(soft) == int(hard) == verify.WORKER_MEMORY_BYTES
+
+
 def test_forked_child_starts_its_own_workers():
     assert is_correct("\\boxed{1/4}", "0.25") is True
     parent_pids = {worker.process.pid for worker in verify._live_workers}

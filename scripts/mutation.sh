@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Mutation testing with mutmut (pip install mutmut==3.8.1), one source file at a time, each against only the test
+# files that exercise it (mutmut then runs, per mutant, only the tests of those that cover the mutated function).
+#
+#   scripts/mutation.sh                               # the four files of the glue (see TESTS_FOR below)
+#   scripts/mutation.sh tapo/evaluation/metrics.py    # one file
+#
+# Each file is mutated in a scratch copy of the checkout (MUTATION_DIR, default /tmp/tapo-mutation/<file>), never in
+# the working tree. Per file it prints killed / survived / other counts and the survivors' names; read a survivor
+# with `cd <scratch> && python3 -m mutmut show <name>`. Judge each survivor: equivalent (no behaviour changes) or a
+# missing test.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SCRATCH_ROOT=${MUTATION_DIR:-/tmp/tapo-mutation}
+JOBS=${MUTATION_JOBS:-2}
+
+# Source file -> the test files that cover it (space separated).
+declare -A TESTS_FOR=(
+  [tapo/trainer.py]="tests/test_trainer.py tests/test_trainer_wiring.py"
+  [tapo/opsd.py]="tests/test_opsd.py"
+  [tapo/construct.py]="tests/test_construct.py tests/test_trainer.py"
+  [tapo/evaluation/metrics.py]="tests/test_eval_metrics.py tests/test_eval_run.py"
+)
+
+files=("$@")
+[ ${#files[@]} -eq 0 ] && files=(tapo/trainer.py tapo/opsd.py tapo/construct.py tapo/evaluation/metrics.py)
+
+for file in "${files[@]}"; do
+  tests=${TESTS_FOR[$file]:-}
+  [ -n "$tests" ] || { echo "mutation.sh: no test files listed for $file (add it to TESTS_FOR)" >&2; exit 2; }
+  scratch="$SCRATCH_ROOT/${file//\//_}"
+  rm -rf "$scratch" && mkdir -p "$scratch"
+  # The checkout as git sees it (tracked + untracked, not ignored), without .git and build outputs.
+  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$scratch")
+  test_list=$(printf '"%s", ' $tests)
+  # mutmut reads its settings from setup.cfg / pyproject.toml; the scratch copy gets its own.
+  cat >> "$scratch/pyproject.toml" <<EOF
+
+[tool.mutmut]
+source_paths = ["tapo"]
+only_mutate = ["$file"]
+pytest_add_cli_args_test_selection = [${test_list%, }]
+also_copy = ["tests"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
+EOF
+  echo "== $file  (tests: $tests)"
+  (cd "$scratch" && PYTHONPATH="$scratch" python3 -m mutmut run --max-children "$JOBS" >"$scratch/run.log" 2>&1) || {
+    echo "mutmut run failed for $file; see $scratch/run.log" >&2; tail -20 "$scratch/run.log" >&2; exit 1; }
+  (cd "$scratch" && python3 -m mutmut results --all true) >"$scratch/results.txt"
+  awk -F': ' '{n[$2]++} END {for (s in n) printf "   %s: %d\n", s, n[s]}' "$scratch/results.txt" | sort
+  grep -v ': killed$' "$scratch/results.txt" || true
+done
