@@ -128,6 +128,11 @@ class OPSDTrainer(TAPOTrainer):
     """TAPOTrainer (GRPO when `tapo_enabled=False`, as `--algorithm opsd` sets) plus the OPSD distillation term."""
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "opsd"]
+    _name = "OPSD"
+
+    @property
+    def methods(self) -> list[str]:
+        return ["TAPO", "OPSD"] if self.args.tapo_enabled else ["OPSD"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
