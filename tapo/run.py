@@ -173,7 +173,11 @@ def train(run: RunArgs, config, dataset=None) -> Path:
         checkpoint = find_checkpoint(run.resume)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume {run.resume}: no complete checkpoint (checkpoint-N with trainer_state.json) found")
-    model, tokenizer = load_model_and_tokenizer(resolve_model(run.model))
+    # A missing cached model (tiny, smollm2-135m) is built by rank 0 while the others wait: under torch.distributed,
+    # transformers' save_pretrained writes only on global rank 0, so a folder built by another rank would lack weights.
+    with config.main_process_first(local=False, desc="building the cached model"):
+        model_path = resolve_model(run.model)
+    model, tokenizer = load_model_and_tokenizer(model_path)
     if is_main_process():
         (run_dir / "config.json").write_text(json.dumps({"run": asdict(run), "trainer": config.to_dict()}, indent=2,
                                                         default=str))
