@@ -128,7 +128,6 @@ class OPSDTrainer(TAPOTrainer):
     """TAPOTrainer (GRPO when `tapo_enabled=False`, as `--algorithm opsd` sets) plus the OPSD distillation term."""
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "opsd"]
-    _name = "OPSD"
 
     @property
     def methods(self) -> list[str]:

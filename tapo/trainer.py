@@ -45,7 +45,7 @@ from tapo.core.losses import clipped_pg_loss
 from tapo.core.selection import select_candidates
 from tapo.core.tokens import label_tokens, span_fractions
 from tapo.core.weights import ots_weights
-from tapo.modelcard import TAPO_PAPER, model_card
+from tapo.modelcard import model_card
 from tapo.models import describe_base_model
 
 # OPSD choices (the arm lives in tapo.opsd; its options are validated with the rest of the config).
@@ -180,8 +180,6 @@ class TAPOTrainer(GRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` that trains with TAPO when `args.tapo_enabled`."""
 
     _tag_names = ["trl", "grpo", "tapo"]
-    _name = "TAPO"  # TRL's model-card attributes; our card (tapo.modelcard) also says when TAPO was off
-    _paper = TAPO_PAPER
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -483,7 +481,8 @@ class TAPOTrainer(GRPOTrainer):
         return ["TAPO"] if self.args.tapo_enabled else ["GRPO"]
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's hook (GRPOTrainer calls it before every checkpoint; push_to_hub too): tapo's card, in output_dir."""
+        """TRL's hook (GRPOTrainer calls it before every checkpoint; push_to_hub too): tapo's card, in output_dir,
+        instead of TRL's, which is driven by the class attributes `_name` / `_paper` and can only say "GRPO"."""
         self._write_model_card(self.args.output_dir, model_name, dataset_name, tags)
 
     def save_model(self, output_dir=None, _internal_call=False):
