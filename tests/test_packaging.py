@@ -78,8 +78,10 @@ def wheel(tmp_path_factory) -> Path:
     installed setuptools (no build isolation: no index needed)."""
     src = tmp_path_factory.mktemp("src")
     for name in BUILD_INPUTS:
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, src / name)
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, src],
                    check=True, timeout=300)
@@ -99,10 +101,11 @@ def venv(wheel, tmp_path_factory) -> Path:
     return env_dir
 
 
-def in_venv(venv: Path, cwd: Path, *argv, timeout=300) -> subprocess.CompletedProcess:
+def in_venv(venv: Path, cwd: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+    """`command` from the venv's bin/, in `cwd`, with no PYTHONPATH pointing back at the checkout."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    exe = argv[0] if argv[0].startswith("/") else str(venv / "bin" / argv[0])
-    return subprocess.run([exe, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([venv / "bin" / command, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_wheel_holds_the_package_its_data_and_license(wheel):
