@@ -4,8 +4,14 @@
 imported lazily so that `tapo.core` stays importable without loading TRL.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject, `tapo --version` and model cards read it
 __all__ = ["TAPOConfig", "TAPOTrainer"]
+
+from tapo.collision import collision_message, foreign_tapo
+
+_foreign = foreign_tapo(__path__)
+if _foreign is not None:
+    raise ImportError(collision_message(_foreign))
 
 
 def __getattr__(name):

@@ -137,6 +137,9 @@ def parse_train_args(argv: list[str]):
 
     Layers, later wins: the embedded default < a resumed run's args.yaml < --config FILE < the command line. With
     --resume, the run folder must hold a complete checkpoint (checked here, before anything loads)."""
+    import torch.distributed
+    from accelerate.utils import broadcast_object_list
+
     from tapo.run import EMBEDDED_DEFAULTS, find_checkpoint
 
     parser = _train_parser()
@@ -177,7 +180,10 @@ def parse_train_args(argv: list[str]):
     if run.algorithm != "tapo":
         config.tapo_enabled = False
     if "output_dir" not in explicit:
-        config.output_dir = str(Path("runs") / f"{run.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if torch.distributed.is_initialized():  # (set up by TrainingArguments) ranks may straddle a second: use rank 0's
+            stamp = broadcast_object_list([stamp], from_process=0)[0]
+        config.output_dir = str(Path("runs") / f"{run.algorithm}-{stamp}")
         explicit["output_dir"] = config.output_dir
     return run, config, explicit
 
@@ -191,6 +197,7 @@ def train_main(argv: list[str]) -> int:
     """`tapo train`. Exit codes: 0 done; 2 bad options or data (one message, before any model loads); 1 a NaN/inf
     loss stopped training (the checkpoints saved so far are kept)."""
     from tapo.data import DataError
+    from tapo.ranks import is_main_process
     from tapo.run import find_checkpoint, load_train_set, train
     from tapo.trainer import NonFiniteLossError
 
@@ -202,7 +209,7 @@ def train_main(argv: list[str]) -> int:
         return 2
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not run.resume:
+    if not run.resume and is_main_process():
         (run_dir / "args.yaml").write_text(yaml.safe_dump(explicit, sort_keys=True))
     try:
         out = train(run, config, dataset)
@@ -211,15 +218,36 @@ def train_main(argv: list[str]) -> int:
         kept = f"last good checkpoint: {last} (resume: tapo train --resume {run_dir})" if last else "no checkpoint yet"
         print(f"tapo train: {err}\n{kept}", file=sys.stderr)
         return 1
-    print(f"run folder: {out}")
+    if is_main_process():
+        print(f"run folder: {out}")
     return 0
 
 
+def version_line() -> str:
+    """`tapo --version`: this package's version and the libraries a bug report needs."""
+    from importlib.metadata import version
+
+    import tapo
+
+    return f"tapo-rl {tapo.__version__} ({', '.join(f'{lib} {version(lib)}' for lib in ('trl', 'transformers', 'torch'))})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import tapo
+    from tapo.collision import collision_message, foreign_tapo
+
+    found = foreign_tapo(tapo.__path__)  # again here: the other package's __init__ may have replaced ours
+    if found is not None:
+        print(f"tapo: {collision_message(found)}", file=sys.stderr)
+        return 2
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # answered before the subcommands below import torch (seconds); --help lists it too
+        print(version_line())
+        return 0
     if argv and argv[0] == "train":
         return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tapo", description="TAPO: trajectory-augmented policy optimization.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a model with TAPO / GRPO / OPSD (tapo train --help)")
     from tapo.evaluation.cli import register as register_eval

