@@ -3,7 +3,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tapo.core.synthesis import Trajectory, splice_trajectory
+from tapo.core.splice import splice_trajectory
+from tapo.core.trajectory import Trajectory
 from tapo.core.tokens import CORRECTION, IGNORE, PREFIX, REFLECTION, SPAN_LABELS, label_tokens, span_fractions
 
 P, R, C = PREFIX, REFLECTION, CORRECTION
