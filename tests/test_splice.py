@@ -5,7 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from test_synthesis import tiles
-from tapo.core.splice import _claims, _evaluate, split_steps, splice_trajectory
+from tapo.core.splice import (
+    StepError,
+    _claims,
+    _evaluate,
+    find_first_error,
+    has_false_step,
+    splice_at_first_error,
+    splice_trajectory,
+    split_steps,
+)
+from tapo.core.trajectory import CUTS
 from tapo.core.verify import extract_answer
 
 CHAIN_WRONG = "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"
@@ -121,6 +131,48 @@ def test_splice_custom_template():
             splice_trajectory(CHAIN_WRONG, CHAIN_RIGHT, reflection_template=template)
 
 
+def test_splice_cut_after_error_keeps_the_erroneous_step_and_reflects_right_after_it():
+    wrong = "37 + 45 = 72\n72 - 10 = 62\nThe answer is \\boxed{62}"
+    right = "37 + 45 = 82\n82 - 10 = 72\nThe answer is \\boxed{72}"
+    before = splice_trajectory(wrong, right)  # the default: the reflection names a claim the text never made
+    assert before.parts() == ("", f"Wait, 37 + 45 = 72 is wrong: 37 + 45 = 82. {REDO}", "\n" + right)
+    after = splice_trajectory(wrong, right, cut="after_error")
+    assert after.parts() == ("37 + 45 = 72", f"\nWait, 37 + 45 = 72 is wrong: 37 + 45 = 82. {REDO}", "\n" + right)
+    assert after.prefix_fraction == pytest.approx(12 / len(wrong)) and tiles(after)
+
+
+def test_splice_cut_after_error_at_the_final_step_keeps_the_whole_rollout():
+    # The rollout stops early with a wrong answer: that last step is the error, so the prefix is all of it.
+    wrong = "23 + 45 = 68\nThe answer is \\boxed{68}"
+    t = splice_trajectory(wrong + "\n", CHAIN_RIGHT, cut="after_error")
+    assert t.parts() == (wrong, f"\nWait, the answer is 68 is wrong: 68 - 12 = 56. {REDO}", "\n68 - 12 = 56\nThe answer is \\boxed{56}")
+    t = splice_trajectory("1. 23 + 45 = 63. 2. 63 - 12 = 51.", CHAIN_RIGHT, gold="56", cut="after_error")
+    assert t.parts()[:2] == ("1. 23 + 45 = 63.", f" Wait, 23 + 45 = 63 is wrong: 23 + 45 = 68. {REDO}")
+    with pytest.raises(ValueError, match="cut"):
+        splice_trajectory(CHAIN_WRONG, CHAIN_RIGHT, cut="at_error")
+
+
+def test_find_first_error_describes_the_error():
+    assert find_first_error(CHAIN_WRONG, CHAIN_RIGHT, "56") == StepError(
+        step=0, bad="23 + 45 = 63", fix="23 + 45 = 68", is_claim=True, resume=0)
+    assert find_first_error("23 + 45 = 68\nThe answer is \\boxed{68}", CHAIN_RIGHT, "56") == StepError(
+        step=1, bad="the answer is 68", fix="68 - 12 = 56", is_claim=False, resume=1)
+    spliced = splice_at_first_error(CHAIN_WRONG, CHAIN_RIGHT)
+    assert spliced.error.step == 0 and spliced.trajectory == splice_trajectory(CHAIN_WRONG, CHAIN_RIGHT)
+
+
+def test_a_reference_with_cancelling_errors_is_refused_unless_asked_not_to_check():
+    # 66 + 16 = 84 is false and 84 - 22 = 60 is false too: the answer 60 is right only because the errors cancel.
+    lucky = "66 + 16 = 84\n84 - 22 = 60\nThe answer is \\boxed{60}"
+    wrong = "66 + 16 = 72\n72 - 22 = 50\nThe answer is \\boxed{50}"
+    assert has_false_step(lucky) and not has_false_step(CHAIN_RIGHT)
+    assert splice_trajectory(wrong, lucky) is None
+    unchecked = splice_trajectory(wrong, lucky, check_reference=False)  # would teach both false steps as the fix
+    assert unchecked.parts() == ("", f"Wait, 66 + 16 = 72 is wrong: 66 + 16 = 82. {REDO}", "\n" + lucky)
+    right = "66 + 16 = 82\n82 - 22 = 60\nThe answer is \\boxed{60}"
+    assert splice_trajectory(wrong, right).parts() == unchecked.parts()[:2] + ("\n" + right,)
+
+
 @pytest.mark.parametrize(
     "wrong",
     [
@@ -152,10 +204,11 @@ def _solution(draw):
 
 
 @settings(max_examples=200, deadline=None)
-@given(wrong=_solution(), reference=_solution())
-def test_splice_property_prefix_is_verbatim_and_spans_tile(wrong, reference):
-    t = splice_trajectory(wrong, reference)
+@given(wrong=_solution(), reference=_solution(), cut=st.sampled_from(CUTS), check_reference=st.booleans())
+def test_splice_property_prefix_is_verbatim_and_spans_tile(wrong, reference, cut, check_reference):
+    t = splice_trajectory(wrong, reference, cut=cut, check_reference=check_reference)
     if t is not None:
+        assert not (check_reference and has_false_step(t.parts()[2]))
         assert tiles(t)
         assert wrong.startswith(t.parts()[0])
         assert t.text.endswith(reference[reference.rindex("The answer is") :])

@@ -2,7 +2,8 @@
 
 `split_steps` cuts a solution into steps (lines, then sentences), `find_first_error` walks the wrong rollout's steps
 with an exact arithmetic checker (claims `a op b ... = c`, evaluated with fractions over an ast, never eval()) and
-`splice_trajectory` joins the wrong rollout's verbatim prefix, a templated reflection and the reference's steps.
+`splice_trajectory` joins the wrong rollout's verbatim prefix, a templated reflection and the reference's steps
+(`splice_at_first_error` also returns the located error, for writers that describe it).
 """
 
 import ast
@@ -11,8 +12,9 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from tapo.core.trajectory import Trajectory, build_trajectory
+from tapo.core.trajectory import Trajectory, build_trajectory, check_cut
 from tapo.core.verify import extract_answer
+
 DEFAULT_REFLECTION = "Wait, {bad} is wrong: {fix}. Let me redo this from there."
 
 # "1." / "a)" / "Step 2:" on their own are enumerators, not sentences: never split after them, never read them as data.
@@ -159,13 +161,25 @@ def _same_answer(a: str, b: str) -> bool:
         return a == b
 
 
-def _first_bad_step(wrong: str, reference: str, target: str) -> tuple[int, _Claim | None, int] | None:
-    """(index of the wrong rollout's first bad step, its false claim or None, reference step to resume at), or None."""
-    reference_steps = [reference[start:end] for start, end in split_steps(reference)]
+@dataclass(frozen=True)
+class StepError:
+    """The first critical error of a wrong rollout, located against a correct reference."""
+
+    step: int  # index of the bad step in split_steps(wrong)
+    bad: str  # what it claims: the false claim "23 + 45 = 63", else the bad step as a clause
+    fix: str  # what is right: "23 + 45 = 68", else the reference step the correction resumes at, as a clause
+    is_claim: bool  # bad/fix are a false arithmetic claim and its true value (else a step and a reference step)
+    resume: int  # index in split_steps(reference) of the step the correction starts at
+
+
+def find_first_error(wrong: str, reference: str, target: str) -> StepError | None:
+    """The wrong rollout's first bad step against `reference` and the target answer (rules in `splice_trajectory`)."""
+    reference_spans, wrong_spans = split_steps(reference), split_steps(wrong)
+    reference_steps = [reference[start:end] for start, end in reference_spans]
     reference_norms = [_normalise_step(step) for step in reference_steps]
     reference_claims = [{claim.key for claim in _claims(step)} for step in reference_steps]
     reference_numbers = _numbers(reference)
-    wrong_steps = [wrong[start:end] for start, end in split_steps(wrong)]
+    wrong_steps = [wrong[start:end] for start, end in wrong_spans]
     # Only the last step stating an answer gives the final one ("The answer is the sum of ..." early on does not).
     answers = [extract_answer(step) for step in wrong_steps]
     final = max((index for index, answer in enumerate(answers) if answer is not None), default=None)
@@ -181,7 +195,13 @@ def _first_bad_step(wrong: str, reference: str, target: str) -> tuple[int, _Clai
                     if any(lhs == false_claim.key[0] for lhs, _ in reference_claims[r]):
                         resume = r
                         break
-            return index, false_claim, min(resume, len(reference_steps) - 1)
+            resume = min(resume, len(reference_steps) - 1)
+            if false_claim:
+                bad = f"{false_claim.lhs} = {false_claim.stated}"
+                fix = f"{false_claim.lhs} = {_format_number(false_claim.true)}"
+            else:
+                bad, fix = _summary(step), _summary(reference_steps[resume])
+            return StepError(step=index, bad=bad, fix=fix, is_claim=bool(false_claim), resume=resume)
         keys = {claim.key for claim in claims}
         for r in range(resume, len(reference_steps)):
             if reference_norms[r] == norm or keys & reference_claims[r]:
@@ -190,10 +210,27 @@ def _first_bad_step(wrong: str, reference: str, target: str) -> tuple[int, _Clai
     return None
 
 
-def splice_trajectory(
-    wrong: str, reference: str, gold: str | None = None, reflection_template: str = DEFAULT_REFLECTION
-) -> Trajectory | None:
-    """Deterministic trajectory: the wrong rollout up to its first bad step, a templated reflection, the reference.
+def has_false_step(text: str) -> bool:
+    """Whether any step of `text` states a false arithmetic claim (a right answer reached through cancelling errors,
+    66 + 16 = 84 then 84 - 22 = 60, has one)."""
+    return any(not claim.holds for start, end in split_steps(text) for claim in _claims(text[start:end]))
+
+
+@dataclass(frozen=True)
+class Splice:
+    trajectory: Trajectory
+    error: StepError  # the error the trajectory reflects on
+
+
+def splice_at_first_error(
+    wrong: str,
+    reference: str,
+    gold: str | None = None,
+    reflection_template: str = DEFAULT_REFLECTION,
+    cut: str = "before_error",
+    check_reference: bool = True,
+) -> Splice | None:
+    """Deterministic trajectory: the wrong rollout cut at its first bad step, a templated reflection, the reference.
 
     Both texts are split into steps (lines, then sentences). Walking the wrong rollout's steps, the first bad step is
     the first that
@@ -203,14 +240,21 @@ def splice_trajectory(
         target answer, or
       * is not a step of the reference (case/whitespace-insensitive) and states a number the reference never states
         (so paraphrased set-up prose is kept, while a step resting on an unsupported number is not).
-    The prefix is the wrong rollout up to the end of the step before it (empty if the first step is bad). The
-    reference resumes at its step that makes the same computation as the bad claim (same left-hand side), else right
-    after the last reference step a kept step matched (same text, or a shared true claim); it always includes at
-    least the reference's last step. The reflection is `reflection_template.format(bad=..., fix=...)`: for a false
-    claim bad = "23 + 45 = 63" and fix = "23 + 45 = 68"; otherwise bad is the bad step and fix the step the reference
-    resumes at. The target answer is `gold` if given, else the reference's answer; if the reference states no answer,
-    "The answer is \\boxed{gold}." is appended. Returns None if there is no target answer, or no bad step (answers
-    equal, or an unfinished but so far correct rollout: nothing to reflect on).
+    The prefix is the wrong rollout up to the end of the step before it (`cut="before_error"`, empty if the first
+    step is bad) or up to the end of the bad step itself (`cut="after_error"`, so the reflection follows the claim it
+    names). The reference resumes at its step that makes the same computation as the bad claim (same left-hand side),
+    else right after the last reference step a kept step matched (same text, or a shared true claim); it always
+    includes at least the reference's last step. The reflection is `reflection_template.format(bad=..., fix=...)`:
+    for a false claim bad = "23 + 45 = 63" and fix = "23 + 45 = 68"; otherwise bad is the bad step and fix the step
+    the reference resumes at. The target answer is `gold` if given, else the reference's answer; if the reference
+    states no answer, "The answer is \\boxed{gold}." is appended.
+
+    check_reference: a reference whose right answer rests on a false step (`has_false_step`: errors that cancel out)
+    is refused rather than copied into the correction, so that no trajectory teaches a wrong step as the fix. On by
+    default; off reproduces the splice that trusts any reference with the right answer.
+
+    Returns None if there is no target answer, no bad step (answers equal, or an unfinished but so far correct
+    rollout: nothing to reflect on), or the reference is refused.
     """
     try:
         reflection_template.format(bad="", fix="")
@@ -219,27 +263,39 @@ def splice_trajectory(
         usable = False
     if not usable:
         raise ValueError(f"reflection_template must use the fields {{bad}} and {{fix}} only: {reflection_template!r}")
+    check_cut(cut)
     reference_answer = extract_answer(reference)
     target = gold if gold is not None else reference_answer
-    if target is None or not reference.strip():
+    if target is None or not reference.strip() or (check_reference and has_false_step(reference)):
         return None
-    found = _first_bad_step(wrong, reference, target)
-    if found is None:
+    error = find_first_error(wrong, reference, target)
+    if error is None:
         return None
-    index, false_claim, resume = found
     wrong_steps, reference_steps = split_steps(wrong), split_steps(reference)
-    if false_claim:
-        bad = f"{false_claim.lhs} = {false_claim.stated}"
-        fix = f"{false_claim.lhs} = {_format_number(false_claim.true)}"
-    else:
-        bad = _summary(wrong[slice(*wrong_steps[index])])
-        fix = _summary(reference[slice(*reference_steps[resume])])
     # Reuse each text's own whitespace between steps, so the seams read like the rollouts they came from.
-    prefix_end = wrong_steps[index - 1][1] if index else 0
-    reflection = wrong[prefix_end : wrong_steps[index][0]] + reflection_template.format(bad=bad, fix=fix)
-    resume_start = reference_steps[resume][0]
-    reference_gap = reference[reference_steps[resume - 1][1] : resume_start] if resume else "\n"
+    if cut == "before_error":
+        prefix_end = wrong_steps[error.step - 1][1] if error.step else 0
+        gap = wrong[prefix_end : wrong_steps[error.step][0]]
+    else:
+        prefix_end = wrong_steps[error.step][1]
+        gap = wrong[prefix_end : wrong_steps[error.step + 1][0]] if error.step + 1 < len(wrong_steps) else "\n"
+    reflection = gap + reflection_template.format(bad=error.bad, fix=error.fix)
+    resume_start = reference_steps[error.resume][0]
+    reference_gap = reference[reference_steps[error.resume - 1][1] : resume_start] if error.resume else "\n"
     correction = reference_gap + reference[resume_start:].rstrip()
     if reference_answer is None:
         correction += f"\nThe answer is \\boxed{{{target}}}."
-    return build_trajectory(wrong[:prefix_end], reflection, correction, len(wrong))
+    return Splice(build_trajectory(wrong[:prefix_end], reflection, correction, len(wrong)), error)
+
+
+def splice_trajectory(
+    wrong: str,
+    reference: str,
+    gold: str | None = None,
+    reflection_template: str = DEFAULT_REFLECTION,
+    cut: str = "before_error",
+    check_reference: bool = True,
+) -> Trajectory | None:
+    """The trajectory of `splice_at_first_error` (same arguments and rules), or None."""
+    spliced = splice_at_first_error(wrong, reference, gold, reflection_template, cut, check_reference)
+    return spliced.trajectory if spliced else None
