@@ -26,7 +26,8 @@ REDO = "Let me redo this from there."
 
 def test_steps_split_lines_and_sentences_but_not_enumerators_or_decimals():
     text = "1. Add 2.5 and 1. Then 3.5 - 1 = 2.5!\n\n  Step 2: done?  Yes"
-    assert [text[s:e] for s, e in split_steps(text)] == ["1. Add 2.5 and 1.", "Then 3.5 - 1 = 2.5!", "Step 2: done?", "Yes"]
+    expected = ["1. Add 2.5 and 1.", "Then 3.5 - 1 = 2.5!", "Step 2: done?", "Yes"]
+    assert [text[s:e] for s, e in split_steps(text)] == expected
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,8 @@ def test_splice_cut_after_error_at_the_final_step_keeps_the_whole_rollout():
     # The rollout stops early with a wrong answer: that last step is the error, so the prefix is all of it.
     wrong = "23 + 45 = 68\nThe answer is \\boxed{68}"
     t = splice_trajectory(wrong + "\n", CHAIN_RIGHT, cut="after_error")
-    assert t.parts() == (wrong, f"\nWait, the answer is 68 is wrong: 68 - 12 = 56. {REDO}", "\n68 - 12 = 56\nThe answer is \\boxed{56}")
+    reflection = f"\nWait, the answer is 68 is wrong: 68 - 12 = 56. {REDO}"
+    assert t.parts() == (wrong, reflection, "\n68 - 12 = 56\nThe answer is \\boxed{56}")
     t = splice_trajectory("1. 23 + 45 = 63. 2. 63 - 12 = 51.", CHAIN_RIGHT, gold="56", cut="after_error")
     assert t.parts()[:2] == ("1. 23 + 45 = 63.", f" Wait, 23 + 45 = 63 is wrong: 23 + 45 = 68. {REDO}")
     with pytest.raises(ValueError, match="cut"):
