@@ -51,3 +51,35 @@ def build_trajectory(prefix: str, reflection: str, correction: str, wrong_length
         correction_span=(b, b + len(correction)),
         prefix_fraction=len(prefix) / wrong_length if wrong_length else 0.0,
     )
+
+
+# Controls that say where a gain comes from (a constructed row rewritten, same advantage and loss weight):
+# "no_prefix" is the correct sibling alone (if TAPO gains only as much, the gain is "more positive samples");
+# "no_reflection" is the wrong prefix followed directly by the correction (the reflection sentence's share).
+CONTROLS = ("no_prefix", "no_reflection")
+
+
+def ablate_trajectory(trajectory: Trajectory, reference: str, control: str) -> Trajectory:
+    """The control version of a constructed trajectory; its spans stay consistent with its text.
+
+    no_prefix      text = the reference (the correct sibling rollout, trailing whitespace dropped), all correction;
+                   empty prefix and reflection, prefix_fraction 0.
+    no_reflection  text = prefix + correction, the reflection span empty. The seam keeps the steps apart: when the
+                   prefix ends and the correction starts without whitespace, the reflection's leading whitespace (or
+                   a newline) joins them, as part of the correction; with an empty prefix the correction's leading
+                   whitespace is dropped. prefix_fraction unchanged.
+    """
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+    if control == "no_prefix":
+        if not isinstance(reference, str) or not reference.strip():
+            raise ValueError(f"ablate_trajectory(no_prefix): the reference must be non-empty text, got {reference!r:.80}")
+        text = reference.rstrip()
+        return Trajectory(text, (0, 0), (0, 0), (0, len(text)), prefix_fraction=0.0)
+    prefix, reflection, correction = trajectory.parts()
+    if not prefix:
+        correction = correction.lstrip()
+    elif not prefix[-1].isspace() and not correction[:1].isspace():
+        correction = (reflection[: len(reflection) - len(reflection.lstrip())] or "\n") + correction
+    end, text = len(prefix), prefix + correction
+    return Trajectory(text, (0, end), (end, end), (end, len(text)), trajectory.prefix_fraction)
