@@ -256,11 +256,11 @@ _SIGNS = {"\\pm": "+-", "±": "+-", "\\mp": "-+", "∓": "-+"}  # the sign in th
 
 
 def _expand_plus_minus(latex: str) -> str:
-    """A bare answer with ± as the two values it stands for: `\\frac{-1\\pm\\sqrt{17}}{2}` -> `\\frac{-1+\\sqrt{17}}{2},
-    \\frac{-1-\\sqrt{17}}{2}` (all ± signs move together, ∓ the other way); unchanged without ±. math-verify reads a
-    top-level `a \\pm b` as that two-value set itself, but not a ± nested in a fraction or a root. So such an answer
-    equals a gold listing both values (in any order, both being a set), and a single one of them stays wrong against
-    a two-value gold, as math-verify compares sets."""
+    """A bare answer with ± as the two values it stands for: `\\frac{-1\\pm\\sqrt{17}}{2}` ->
+    `\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}` (all ± signs move together, ∓ the other way); unchanged
+    without ±. math-verify reads a top-level `a \\pm b` as that two-value set itself, but not a ± nested in a fraction
+    or a root. So such an answer equals a gold listing both values (in any order, both being a set), and a single one
+    of them stays wrong against a two-value gold, as math-verify compares sets."""
     if not _PLUS_MINUS.search(latex):
         return latex
     plus = _PLUS_MINUS.sub(lambda sign: _SIGNS[sign.group()][0], latex)
