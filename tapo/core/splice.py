@@ -288,14 +288,7 @@ def splice_at_first_error(
     return Splice(build_trajectory(wrong[:prefix_end], reflection, correction, len(wrong)), error)
 
 
-def splice_trajectory(
-    wrong: str,
-    reference: str,
-    gold: str | None = None,
-    reflection_template: str = DEFAULT_REFLECTION,
-    cut: str = "before_error",
-    check_reference: bool = True,
-) -> Trajectory | None:
-    """The trajectory of `splice_at_first_error` (same arguments and rules), or None."""
-    spliced = splice_at_first_error(wrong, reference, gold, reflection_template, cut, check_reference)
+def splice_trajectory(wrong: str, reference: str, gold: str | None = None, **options) -> Trajectory | None:
+    """The trajectory of `splice_at_first_error` (same arguments, options and rules), or None."""
+    spliced = splice_at_first_error(wrong, reference, gold, **options)
     return spliced.trajectory if spliced else None

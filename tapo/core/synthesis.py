@@ -291,11 +291,9 @@ def assemble_output(wrong: str, output: str, **options) -> Assembly:
     return Assembly(None, UNPARSED) if synthesis is None else assemble_synthesis(wrong, synthesis, **options)
 
 
-def assemble_trajectory(
-    wrong: str, synthesis: Synthesis, min_prefix_chars: int = 0, prefix_match: str = "strict", cut: str = "before_error"
-) -> Trajectory | None:
-    """The trajectory of `assemble_synthesis` (same arguments), or None when it rejects."""
-    return assemble_synthesis(wrong, synthesis, min_prefix_chars, prefix_match, cut).trajectory
+def assemble_trajectory(wrong: str, synthesis: Synthesis, **options) -> Trajectory | None:
+    """The trajectory of `assemble_synthesis` (same options), or None when it rejects."""
+    return assemble_synthesis(wrong, synthesis, **options).trajectory
 
 
 def format_synthesis(analysis: str, reconstruction: str) -> str:
