@@ -24,7 +24,7 @@ from tapo.core.synthesis import (
     parse_synthesis,
     write_rule_synthesis,
 )
-from tapo.core.splice import splice_trajectory
+from tapo.core.splice import splice_trajectory, split_steps
 from tapo.core.trajectory import CUTS, Trajectory
 
 
@@ -307,6 +307,30 @@ def test_assemble_property_prefix_is_the_policys_own_text(wrong, copy, analysis)
         t = assemble_trajectory(wrong, Synthesis(analysis, copy), prefix_match=mode)
         if t is not None:
             assert tiles(t) and wrong.startswith(t.parts()[0]) and t.parts()[2].strip()
+
+
+_STEPS = ["a = 1.", "b = 2.", "c = 3.", "so d = 4.", "Wait, b = 3.", "Hmm, no c.", "But e = 5."]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    wrong=st.lists(st.sampled_from(_STEPS[:4]), min_size=1, max_size=5).map("\n".join),
+    copy=st.lists(st.sampled_from(_STEPS), max_size=7).map("\n".join),
+    cut=st.sampled_from(CUTS),
+)
+def test_assemble_property_longest_adds_only_faithful_trajectories(wrong, copy, cut):
+    synthesis = Synthesis("THE ANALYSIS", copy)
+    strict = assemble_trajectory(wrong, synthesis, cut=cut)
+    longest = assemble_trajectory(wrong, synthesis, prefix_match="longest", cut=cut)
+    if strict is not None:
+        assert longest == strict  # "longest" keeps everything "strict" keeps, unchanged
+    if longest is not None:
+        prefix, reflection, correction = longest.parts()
+        assert tiles(longest) and wrong.startswith(prefix) and "THE ANALYSIS" not in longest.text
+        assert reflection.strip() in copy and copy.strip().endswith(correction)  # the model's own words
+        assert wrong[len(prefix) :].strip() if cut == "before_error" else prefix
+    if longest is not None and strict is None:  # anchored: a whole step of the policy's, never an empty prefix
+        assert prefix and any(wrong[s:e] == prefix[-(e - s) :] for s, e in split_steps(wrong))
 
 
 # ------------------------------------------------------------------------------------------------- rule-based writer
