@@ -1,7 +1,7 @@
 """Building micro-reflective trajectories from (wrong, correct) rollout pairs: the glue between DCS and the trainer.
 
 Three constructors share one contract, `construct(requests, ...) -> list[Construction]`:
-- "splice": deterministic, no model (`tapo.core.synthesis.splice_trajectory`). Works at any model size.
+- "splice": deterministic, no model (`tapo.core.splice.splice_trajectory`). Works at any model size.
 - "self": the policy writes the synthesis (the paper's method); the trainer passes its own generation function so the
   synthesis goes through the same backend as the rollouts (transformers or vLLM).
 - "teacher": another model writes it: a local HF model (`HFGenerator`) or an OpenAI-compatible endpoint
@@ -18,7 +18,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tapo.core.synthesis import Trajectory, assemble_trajectory, build_synthesis_prompt, parse_synthesis, splice_trajectory
+from tapo.core.splice import splice_trajectory
+from tapo.core.synthesis import assemble_trajectory, build_synthesis_prompt, parse_synthesis
+from tapo.core.trajectory import Trajectory
 
 CONSTRUCTORS = ("self", "splice", "teacher")
 

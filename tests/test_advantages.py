@@ -109,6 +109,26 @@ def test_dae_ref_baseline_uses_the_constructions_own_group():
     close(ref[0], [0.0])
 
 
+def test_dae_union_baseline_pools_the_group_with_its_constructions():
+    # Row 0: union [1, 0, 0, 0, 1, 1]: mean 0.5, squares 6 * 0.25 = 1.5, unbiased std sqrt(1.5 / 5) = sqrt(0.3);
+    # each accepted construction gets 0.5 / sqrt(0.3) = 0.91287. Row 1: union [1, 1, 0, 0, 0]: mean 0.4, squares
+    # 2 * 0.36 + 3 * 0.16 = 1.2, std sqrt(1.2 / 4) = sqrt(0.3); a failed construction gets -0.4 / sqrt(0.3).
+    ref_rewards = [torch.tensor([1.0, 1.0]), torch.tensor([0.0])]
+    orig, ref = decoupled_advantages(REWARDS, ref_rewards, eps=0.0, ref_baseline="union")
+    torch.testing.assert_close(orig, grpo_advantages(REWARDS, eps=0.0))  # original rows: exactly GRPO's
+    close(ref[0], [0.5 / math.sqrt(0.3)] * 2)
+    close(ref[1], [-0.4 / math.sqrt(0.3)])
+    # scale="batch": one std over all 11 rewards of both unions (5 ones, 6 zeros): squares 5 * 36/121 + 6 * 25/121
+    # = 330/121, std sqrt(3/11); the means stay per union.
+    _, ref = decoupled_advantages(REWARDS, ref_rewards, eps=0.0, ref_baseline="union", scale="batch")
+    close(ref[0], [0.5 / math.sqrt(3 / 11)] * 2)
+    close(ref[1], [-0.4 / math.sqrt(3 / 11)])
+    # A NaN construction reward stays out of the union's statistics and gets 0.
+    _, ref = decoupled_advantages(REWARDS, [torch.tensor([1.0, 1.0, NAN]), torch.tensor([])], eps=0.0,
+                                  ref_baseline="union")
+    close(ref[0], [0.5 / math.sqrt(0.3)] * 2 + [0.0])
+
+
 def test_dae_zero_std_original_group_gives_zero_not_inf():
     # All-wrong original group: (1 - 0) / (0 + eps) would be 1e4; the degenerate group carries no signal -> 0.
     # With scale="none" nothing is divided, so the plain difference 1 - 0 stands.
@@ -125,7 +145,7 @@ def test_dae_batch_scale_divides_by_the_pooled_original_std():
     close(ref[0], [0.75 / math.sqrt(1.875 / 7)])
 
 
-@pytest.mark.parametrize("ref_baseline", ["orig", "ref"])
+@pytest.mark.parametrize("ref_baseline", ["orig", "ref", "union"])
 def test_dae_empty_groups_stay_empty(ref_baseline):
     _, ref = decoupled_advantages(REWARDS, [torch.tensor([]), torch.tensor([])], ref_baseline=ref_baseline)
     assert [tuple(r.shape) for r in ref] == [(0,), (0,)]
@@ -136,7 +156,7 @@ def test_dae_nan_construction_reward_gets_zero():
     close(ref[0], [1.5, 0.0])
 
 
-@pytest.mark.parametrize("ref_baseline", ["orig", "ref"])
+@pytest.mark.parametrize("ref_baseline", ["orig", "ref", "union"])
 def test_dae_constructions_never_move_original_advantages(ref_baseline):
     expected = grpo_advantages(REWARDS)
     for ref_rewards in ([torch.tensor([1.0]), torch.tensor([])], [torch.tensor([0.0, 5.0, -3.0]), torch.ones(4)]):

@@ -115,7 +115,7 @@ def test_examples_hold_verified_syntheses_and_plain_solutions():
     assert assistant["role"] == "assistant"
     # The target copies the wrong attempt exactly (single space), then the reflection and the fix.
     expected_trajectory = ("Step 1: 23 + 45 = 68\nWait, 68 - 12 is 56, not 66.\nStep 2: 68 - 12 = 56\n"
-                           "The answer is \\boxed{56}\n")
+                           "The answer is \\boxed{56}")
     assert assistant["content"] == synthesis_target("Step 2 subtracts wrongly.", expected_trajectory)
     # Round trip: what the trainer parses out of the target is the same trajectory.
     again = assemble_trajectory(wrong, parse_synthesis(assistant["content"]), prefix_match="strict")
@@ -123,9 +123,10 @@ def test_examples_hold_verified_syntheses_and_plain_solutions():
     assert again.parts()[0] == "Step 1: 23 + 45 = 68"
 
 
-def test_longest_prefix_match_keeps_the_rewrite():
+def test_longest_prefix_match_still_drops_a_rewrite_without_reflection():
+    # "longest" tolerates a loose copy before the model's own reflection; C's rewrite has no reflection at all.
     _, stats = build_examples(problems(), ScriptedGenerator(), k=K, m_max=1, prefix_match="longest")
-    assert stats["dropped_unassembled"] == 0 and stats["synthesis_examples"] == 2
+    assert stats["dropped_unassembled"] == 1 and stats["synthesis_examples"] == 1
 
 
 def test_m_max_and_correct_per_problem():

@@ -1,28 +1,31 @@
 import time
-from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapo.core.synthesis import (
+    COPY_MISMATCH,
     MARKERS,
+    NO_CORRECTION,
+    NO_REFLECTION,
+    PREFIX_MATCHES,
+    REJECTIONS,
     SYNTHESIS_PROMPT,
+    UNPARSED,
+    Assembly,
     Synthesis,
-    Trajectory,
-    _claims,
-    _evaluate,
-    _steps,
+    assemble_output,
+    assemble_synthesis,
     assemble_trajectory,
     build_synthesis_prompt,
+    format_synthesis,
+    is_blank,
     parse_synthesis,
-    splice_trajectory,
+    write_rule_synthesis,
 )
-from tapo.core.verify import extract_answer
-
-CHAIN_WRONG = "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"
-CHAIN_RIGHT = "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}"
-REDO = "Let me redo this from there."
+from tapo.core.splice import splice_trajectory, split_steps
+from tapo.core.trajectory import CUTS, Trajectory
 
 
 def tiles(t: Trajectory) -> bool:
@@ -49,9 +52,17 @@ def test_prompt_carries_the_inputs_and_the_tag_layout():
     assert SYNTHESIS_PROMPT.count("{problem}") == SYNTHESIS_PROMPT.count("{wrong}") == 1
 
 
-def test_prompt_rejects_empty_inputs():
+def test_prompt_rejects_blank_inputs_and_blank_rollouts_are_easy_to_tell_apart():
     with pytest.raises(ValueError, match="wrong"):
         build_synthesis_prompt("p", "  ", "r")
+    assert [is_blank(text) for text in ("", " \n\t", None, "0", " x ")] == [True, True, True, False, False]
+
+
+def test_prompt_asks_for_the_copy_the_cut_wants():
+    assert "up to but not including the first critical error" in build_synthesis_prompt("p", "w", "r")
+    assert "up to and including the first critical error" in build_synthesis_prompt("p", "w", "r", cut="after_error")
+    with pytest.raises(ValueError, match="cut"):
+        build_synthesis_prompt("p", "w", "r", cut="somewhere")
 
 
 def test_markers_are_lower_case_reflection_phrases():
@@ -149,7 +160,7 @@ def test_assemble_splits_copy_reflection_and_correction():
     assert t.parts() == (
         "We add: 23 + 45 = 68.",
         "\nWait, 68 - 12 is 56, not 50.",
-        "\nWe subtract: 68 - 12 = 56.\nThe answer is \\boxed{56}.\n",
+        "\nWe subtract: 68 - 12 = 56.\nThe answer is \\boxed{56}.",  # the trailing newline is tag layout: dropped
     )
     assert tiles(t) and t.prefix_fraction == pytest.approx(21 / 74)
     assert len(WRONG) == 74
@@ -173,39 +184,101 @@ def test_assemble_never_splits_a_word_at_the_seam():
     assert t.parts() == ("", "No, wait, 2 + 2 = 4.", " So \\boxed{4}.")
 
 
-def test_assemble_deviating_copy_strict_rejects_longest_keeps_whole_steps():
+def test_assemble_a_rewrite_without_reflection_is_rejected_in_both_modes():
     # The model wrote the corrected solution instead of copying: the copy runs into "68 - 12 = 5|6" mid-step.
     copy = "We add: 23 + 45 = 68.\nWe subtract: 68 - 12 = 56.\nThe answer is \\boxed{56}."
-    assert assemble(copy, prefix_match="strict") is None
-    t = assemble(copy, prefix_match="longest")
-    assert t.parts() == (
-        "We add: 23 + 45 = 68.",
-        "\nThe subtraction is wrong: 68 - 12 = 56.",
-        "\nWe subtract: 68 - 12 = 56.\nThe answer is \\boxed{56}.",
-    )
-    assert tiles(t)
+    for mode in PREFIX_MATCHES:
+        assert assemble_synthesis(WRONG, Synthesis(ANALYSIS, copy), prefix_match=mode) == Assembly(None, NO_REFLECTION)
 
 
 def test_assemble_rejects_a_prefix_the_model_did_not_write():
     copy = "We add: 23 + 45 = 69.\nWait, 68 - 12 = 56. So \\boxed{56}."  # "69" is not what the policy wrote
-    assert assemble(copy, prefix_match="strict") is None
-    assert assemble(copy, min_prefix_chars=1) is None  # longest falls back to an empty prefix
-    t = assemble(copy)
-    assert t.parts() == ("", ANALYSIS, "\nWe add: 23 + 45 = 69.\nWait, 68 - 12 = 56. So \\boxed{56}.")
-    assert t.prefix_fraction == 0.0
+    for mode in PREFIX_MATCHES:  # "longest" no longer falls back to an empty prefix plus the analysis
+        assert assemble_synthesis(WRONG, Synthesis(ANALYSIS, copy), prefix_match=mode) == Assembly(None, COPY_MISMATCH)
 
 
 @pytest.mark.parametrize(
-    "copy",
+    "copy, reason",
     [
-        WRONG + "\nWait, 68 - 12 = 56. So \\boxed{56}.",  # the whole wrong attempt kept: no error left out
-        "We add: 23 + 45 = 68.\nWait, that is wrong.",  # reflection but no correction
-        "We add: 23 + 45 = 68.\nWait, that is wrong",  # reflection runs to the end
-        "We add: 23 + 45 = 68.",  # only the copy
+        (WRONG + "\nWait, 68 - 12 = 56. So \\boxed{56}.", COPY_MISMATCH),  # the whole attempt kept: no error left out
+        ("We add: 23 + 45 = 68.\nWait, that is wrong.\n\n", NO_CORRECTION),  # reflection but no correction
+        ("We add: 23 + 45 = 68.\nWait, that is wrong", NO_CORRECTION),  # reflection runs to the end
+        ("We add: 23 + 45 = 68.", NO_REFLECTION),  # only the copy
+        ("We add: 23 + 45 = 68.\nSo 68 - 12 = 56. Hmm, yes. \\boxed{56}", COPY_MISMATCH),  # reflects after a rewrite
     ],
 )
-def test_assemble_rejects_trajectories_without_a_correction_or_an_error(copy):
+def test_assemble_rejections_say_why(copy, reason):
+    assert assemble_synthesis(WRONG, Synthesis(ANALYSIS, copy)) == Assembly(None, reason)
     assert assemble(copy) is None
+
+
+def test_assemble_output_parses_first_and_reasons_are_the_trainers_names():
+    assert REJECTIONS == ("unparsed", "copy_mismatch", "no_reflection", "no_correction", "wrong_answer", "too_long")
+    assert assemble_output(WRONG, "no tags") == Assembly(None, UNPARSED)
+    output = "<analysis>a</analysis><reconstruction>We add: 23 + 45 = 68.\nWait, 56. So \\boxed{56}.</reconstruction>"
+    assembled = assemble_output(WRONG, output, cut="after_error")
+    assert assembled.rejection is None and assembled.trajectory.parts()[0] == "We add: 23 + 45 = 68."
+
+
+def test_assemble_default_is_strict():
+    loose = "We add: 23+45 is 68.\nWe subtract: 68 - 12 = 50.\nWait, 68 - 12 = 56. So \\boxed{56}."
+    assert assemble(loose) is None and assemble(loose, prefix_match="longest") is not None
+
+
+# The issue's bad example: the copy deviates in step 2, the error is in step 3. The old "longest" cut at the end of
+# step 1 and inserted the analysis there: "Step 1 ... The first critical error is in Step 3 ... Step 2 ... Wait ...".
+ISSUE_WRONG = "Step 1: 23 + 45 = 68.\nStep 2: 68 - 12 = 56.\nStep 3: 56 * 2 = 102.\nThe answer is \\boxed{102}."
+ISSUE_ANALYSIS = "The first critical error is in Step 3: 56 * 2 = 112."
+
+
+def test_assemble_longest_never_puts_a_diagnosis_before_a_step_it_did_not_follow():
+    copy = ("Step 1: 23 + 45 = 68.\nStep 2: subtract 12 to get 56.\nWait, 56 * 2 = 112, not 102.\n"
+            "Step 3: 56 * 2 = 112.\nThe answer is \\boxed{112}.")
+    for mode in PREFIX_MATCHES:
+        assembled = assemble_synthesis(ISSUE_WRONG, Synthesis(ISSUE_ANALYSIS, copy), prefix_match=mode)
+        assert assembled == Assembly(None, COPY_MISMATCH)  # the step before "Wait" is not one the policy wrote
+
+
+def test_assemble_longest_anchors_the_models_own_reflection_after_the_step_it_followed():
+    # Step 1 is copied loosely ("is" for "="), step 2 exactly, then the reflection: the prefix is the policy's own
+    # steps 1-2, the reflection the model's sentence (never the analysis), the correction the rest.
+    copy = ("Step 1: 23 + 45 is 68.\nStep 2: 68 - 12 = 56.\nWait, 56 * 2 = 112, not 102.\nStep 3: 56 * 2 = 112.\n"
+            "The answer is \\boxed{112}.\n")
+    synthesis = Synthesis(ISSUE_ANALYSIS, copy)
+    assert assemble_synthesis(ISSUE_WRONG, synthesis) == Assembly(None, COPY_MISMATCH)  # strict
+    t = assemble_trajectory(ISSUE_WRONG, synthesis, prefix_match="longest")
+    assert t.parts() == (
+        "Step 1: 23 + 45 = 68.\nStep 2: 68 - 12 = 56.",
+        "\nWait, 56 * 2 = 112, not 102.",
+        "\nStep 3: 56 * 2 = 112.\nThe answer is \\boxed{112}.",
+    )
+    assert tiles(t) and ISSUE_ANALYSIS not in t.text
+
+
+def test_assemble_longest_anchor_must_lie_past_the_deviation():
+    def longest(copy):
+        return assemble_synthesis(ISSUE_WRONG, Synthesis("a", copy), prefix_match="longest")
+
+    # The copy deviates in step 2 and then repeats step 1 before reflecting: step 1 lies before the deviation.
+    copy = "Step 1: 23 + 45 = 68.\nStep 2: 68 less 12.\nStep 1: 23 + 45 = 68.\nWait, no. So \\boxed{112}."
+    assert longest(copy) == Assembly(None, COPY_MISMATCH)
+    # A reflection with nothing before it that the copy could anchor to.
+    assert longest("Step 1 again.\nWait, no. So \\boxed{112}.") == Assembly(None, COPY_MISMATCH)
+
+
+def test_assemble_cut_after_error_keeps_the_erroneous_step():
+    through_error = "We add: 23 + 45 = 68.\nWe subtract: 68 - 12 = 50.\nWait, 68 - 12 = 56. So \\boxed{56}."
+    for cut in CUTS:  # the answer step is still left out: both readings accept
+        t = assemble(through_error, cut=cut)
+        assert t.parts()[0] == "We add: 23 + 45 = 68.\nWe subtract: 68 - 12 = 50."
+    whole = WRONG + "\nWait, 68 - 12 = 56. So \\boxed{56}."  # the error is the last step: only "after_error" keeps it
+    assert assemble(whole, cut="before_error") is None
+    assert assemble(whole, cut="after_error").parts() == (WRONG, "\nWait, 68 - 12 = 56.", " So \\boxed{56}.")
+    first_step = "Wait, 23 + 45 = 68 is right. So \\boxed{56}."  # nothing copied: no erroneous step kept
+    assert assemble(first_step).parts()[0] == ""
+    assert assemble_synthesis(WRONG, Synthesis("a", first_step), cut="after_error") == Assembly(None, COPY_MISMATCH)
+    with pytest.raises(ValueError, match="cut"):
+        assemble(first_step, cut="inside_error")
 
 
 def test_assemble_min_prefix_chars_and_bad_mode():
@@ -223,7 +296,7 @@ def test_parse_then_assemble_with_tags_inside_the_wrong_rollout():
         "Wait, 2 + 2 is 4, not 5.\n2 + 2 = 4.\nSo \\boxed{4}.\n</reconstruction>"
     )
     t = assemble_trajectory(wrong, parse_synthesis(output), prefix_match="strict")
-    expected = ("Use <reconstruction> as a word:", "\nWait, 2 + 2 is 4, not 5.", "\n2 + 2 = 4.\nSo \\boxed{4}.\n")
+    expected = ("Use <reconstruction> as a word:", "\nWait, 2 + 2 is 4, not 5.", "\n2 + 2 = 4.\nSo \\boxed{4}.")
     assert t.parts() == expected
 
 
@@ -236,164 +309,92 @@ def test_assemble_property_prefix_is_the_policys_own_text(wrong, copy, analysis)
             assert tiles(t) and wrong.startswith(t.parts()[0]) and t.parts()[2].strip()
 
 
-def test_trajectory_rejects_spans_that_do_not_tile():
-    with pytest.raises(ValueError, match="tile"):
-        Trajectory("abc", (0, 1), (2, 2), (2, 3), 0.5)
+_STEPS = ["a = 1.", "b = 2.", "c = 3.", "so d = 4.", "Wait, b = 3.", "Hmm, no c.", "But e = 5."]
 
 
-# ------------------------------------------------------------------------------------------------------ splice
-
-
-def test_steps_split_lines_and_sentences_but_not_enumerators_or_decimals():
-    text = "1. Add 2.5 and 1. Then 3.5 - 1 = 2.5!\n\n  Step 2: done?  Yes"
-    assert [text[s:e] for s, e in _steps(text)] == ["1. Add 2.5 and 1.", "Then 3.5 - 1 = 2.5!", "Step 2: done?", "Yes"]
-
-
-@pytest.mark.parametrize(
-    "step, expected",
-    [
-        ("23 + 45 = 63", [("23 + 45", "63", 68, False)]),
-        ("so (23 + 45) - 12 = 56.", [("(23 + 45) - 12", "56", 56, True)]),
-        ("10 / 4 = 2.5, 10 / 3 = 3.33", [
-            ("10 / 4", "2.5", Fraction(5, 2), True),
-            ("10 / 3", "3.33", Fraction(10, 3), True),
-        ]),
-        ("10 / 3 = 3", [("10 / 3", "3", Fraction(10, 3), False)]),
-        ("1/2 + 1/3 = 5/6", [("1/2 + 1/3", "5/6", Fraction(5, 6), True)]),
-        ("3 × 4 = 13, 3 \\times 4 = 12", [("3 * 4", "13", 12, False), ("3 * 4", "12", 12, True)]),
-        ("1,000 + 1 = 1,001", [("1000 + 1", "1001", 1001, True)]),
-        ("-3 + 5 = 2", [("-3 + 5", "2", 2, True)]),
-        ("23 + 45 = 68 - 12 = 56", [("23 + 45", "68", 68, True), ("68 - 12", "56", 56, True)]),
-        # not checkable: a variable, a power, a term glued to a letter, division by zero, a bare number, a relation
-        ("x + 2 + 3 = 5, x - 3 = 2, 2^3 + 1 = 9, f(2) + 3 = 5", []),
-        ("2 ** 3 = 8, 5 / 0 = 1, x = 5, 5 = 5, a <= 3 + 4, 2 + 2 = 4x", []),
-    ],
+@settings(max_examples=300, deadline=None)
+@given(
+    wrong=st.lists(st.sampled_from(_STEPS[:4]), min_size=1, max_size=5).map("\n".join),
+    copy=st.lists(st.sampled_from(_STEPS), max_size=7).map("\n".join),
+    cut=st.sampled_from(CUTS),
 )
-def test_claims_are_found_and_checked_exactly(step, expected):
-    assert [(c.lhs, c.stated, c.true, c.holds) for c in _claims(step)] == expected
+def test_assemble_property_longest_adds_only_faithful_trajectories(wrong, copy, cut):
+    synthesis = Synthesis("THE ANALYSIS", copy)
+    strict = assemble_trajectory(wrong, synthesis, cut=cut)
+    longest = assemble_trajectory(wrong, synthesis, prefix_match="longest", cut=cut)
+    if strict is not None:
+        assert longest == strict  # "longest" keeps everything "strict" keeps, unchanged
+    if longest is not None:
+        prefix, reflection, correction = longest.parts()
+        assert tiles(longest) and wrong.startswith(prefix) and "THE ANALYSIS" not in longest.text
+        assert reflection.strip() in copy and copy.strip().endswith(correction)  # the model's own words
+        assert wrong[len(prefix) :].strip() if cut == "before_error" else prefix
+    if longest is not None and strict is None:  # anchored: a whole step of the policy's, never an empty prefix
+        assert prefix and any(wrong[s:e] == prefix[-(e - s) :] for s, e in split_steps(wrong))
 
 
-def test_evaluate_is_not_eval():
-    assert _evaluate("__import__('os').getcwd()") is None
-    assert _evaluate("(1 + 2) * 3 / 4") == Fraction(9, 4)
-    assert _evaluate("1 +" * 100 + "1") is None  # too long to parse safely
+# ------------------------------------------------------------------------------------------------- rule-based writer
+
+LINES_WRONG = "12 + 25 = 37\n37 + 45 = 72\n72 - 10 = 62\nThe answer is \\boxed{62}"
+LINES_RIGHT = "12 + 25 = 37\n37 + 45 = 82\n82 - 10 = 72\nThe answer is \\boxed{72}"
+WAIT_SENTENCE = "Wait, 37 + 45 = 72 is wrong: 37 + 45 = 82. Let me redo this from there."
 
 
-def test_splice_arithmetic_chain_first_step_wrong():
-    t = splice_trajectory(CHAIN_WRONG, CHAIN_RIGHT)
-    assert t.parts() == ("", f"Wait, 23 + 45 = 63 is wrong: 23 + 45 = 68. {REDO}", "\n" + CHAIN_RIGHT)
-    assert t.prefix_fraction == 0.0 and extract_answer(t.text) == "56"
-
-
-def test_splice_arithmetic_chain_later_step_wrong():
-    wrong = "23 + 45 = 68\n68 - 12 = 50\nThe answer is \\boxed{50}"
-    t = splice_trajectory(wrong, CHAIN_RIGHT)
-    assert t.text == (
-        f"23 + 45 = 68\nWait, 68 - 12 = 50 is wrong: 68 - 12 = 56. {REDO}\n68 - 12 = 56\nThe answer is \\boxed{{56}}"
+@pytest.mark.parametrize("cut, copied", [("before_error", LINES_WRONG[:12]), ("after_error", LINES_WRONG[:25])])
+def test_rule_writer_names_the_error_and_copies_up_to_the_cut(cut, copied):
+    text = write_rule_synthesis(LINES_WRONG, LINES_RIGHT, cut=cut)
+    assert text == (
+        "<analysis>\nThe first critical error is step 2: it claims 37 + 45 = 72, but 37 + 45 = 82.\n</analysis>\n"
+        f"<reconstruction>\n{copied}\n{WAIT_SENTENCE}\n37 + 45 = 82\n82 - 10 = 72\nThe answer is \\boxed{{72}}\n"
+        "</reconstruction>"
     )
-    assert t.parts()[0] == "23 + 45 = 68" and t.prefix_fraction == pytest.approx(12 / len(wrong))
+    spliced = splice_trajectory(LINES_WRONG, LINES_RIGHT, cut=cut)
+    assert copied == spliced.parts()[0] and text == format_synthesis(parse_synthesis(text).analysis, spliced.text)
 
 
-def test_splice_free_text_rollout_of_a_chat_model():
-    wrong = "First, let's add 23 and 45: 23 + 45 = 63.\n\nNext, we subtract 12: 63 - 12 = 48.\n\nSo, the answer is: 48"
-    reference = "We add first: 23 + 45 = 68. Then 68 - 12 = 56. The answer is \\boxed{56}."
-    t = splice_trajectory(wrong, reference)
-    assert t.parts() == ("", f"Wait, 23 + 45 = 63 is wrong: 23 + 45 = 68. {REDO}", "\n" + reference)
-    # Error in the second paragraph: the correct set-up paragraph is kept although the reference words it differently.
-    wrong = "First, let's add 23 and 45: 23 + 45 = 68.\n\nNext, we subtract 12: 68 - 12 = 54.\n\nSo, the answer is: 54"
-    t = splice_trajectory(wrong, reference)
-    assert t.parts() == (
-        "First, let's add 23 and 45: 23 + 45 = 68.",
-        f"\n\nWait, 68 - 12 = 54 is wrong: 68 - 12 = 56. {REDO}",
-        " Then 68 - 12 = 56. The answer is \\boxed{56}.",
-    )
+def test_rule_writer_describes_a_step_that_is_not_a_false_claim():
+    text = write_rule_synthesis("23 + 45 = 68\nThe answer is \\boxed{68}", "23 + 45 = 68\n68 - 12 = 56\n\\boxed{56}")
+    assert parse_synthesis(text).analysis.strip() == (
+        'The first critical error is step 2: "the answer is 68" is wrong; the correct step is "68 - 12 = 56".')
 
 
-def test_splice_only_the_final_answer_step_is_read_as_an_answer():
-    wrong = "The answer is the sum of 23 and 45, minus 12.\n23 + 45 = 68\n68 - 12 = 50\nThe answer is \\boxed{50}"
-    t = splice_trajectory(wrong, CHAIN_RIGHT)
-    assert t.parts()[0] == "The answer is the sum of 23 and 45, minus 12.\n23 + 45 = 68"
-    assert t.parts()[1] == f"\nWait, 68 - 12 = 50 is wrong: 68 - 12 = 56. {REDO}"
-
-
-def test_splice_wrong_has_fewer_steps_than_the_reference():
-    # It stops after the first step and answers 68: that answer step is the bad one, the reference resumes at step 2.
-    t = splice_trajectory("23 + 45 = 68\nThe answer is \\boxed{68}", CHAIN_RIGHT)
-    assert t.parts() == (
-        "23 + 45 = 68",
-        f"\nWait, the answer is 68 is wrong: 68 - 12 = 56. {REDO}",
-        "\n68 - 12 = 56\nThe answer is \\boxed{56}",
-    )
-
-
-def test_splice_enumerated_steps_and_an_unsupported_number():
-    # "23 + 54" is true arithmetic but rests on numbers the reference never uses: that step is where it went wrong.
-    wrong = "1. We have 23 and 45.\n2. 23 + 54 = 77\n3. 77 - 12 = 65\nThe answer is \\boxed{65}"
-    t = splice_trajectory(wrong, CHAIN_RIGHT)
-    assert t.parts() == (
-        "1. We have 23 and 45.",
-        f"\nWait, 2. 23 + 54 = 77 is wrong: 23 + 45 = 68. {REDO}",
-        "\n" + CHAIN_RIGHT,
-    )
-
-
-def test_splice_appends_gold_when_the_reference_states_no_answer():
-    t = splice_trajectory(CHAIN_WRONG, "23 + 45 = 68\n68 - 12 = 56", gold="56")
-    assert t.parts()[2] == "\n23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}."
-    assert splice_trajectory(CHAIN_WRONG, "23 + 45 = 68\n68 - 12 = 56") is None  # no target answer at all
-
-
-def test_splice_custom_template():
-    t = splice_trajectory(CHAIN_WRONG, CHAIN_RIGHT, reflection_template="Hmm, {bad}? No: {fix}.")
-    assert t.parts()[1] == "Hmm, 23 + 45 = 63? No: 23 + 45 = 68."
-    for template in ("Wait, {fix}.", "Wait, {bad} {fix} {other}.", "Wait, {bad} {fix"):
-        with pytest.raises(ValueError, match="reflection_template"):
-            splice_trajectory(CHAIN_WRONG, CHAIN_RIGHT, reflection_template=template)
-
-
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        CHAIN_RIGHT,  # identical
-        "Adding gives 23 + 45 = 68. Subtracting 12: 68 - 12 = 56. So \\boxed{56}.",  # other words, same steps
-        "23 + 45 = 68\n68 - 12 =",  # unfinished, nothing wrong yet
-    ],
-)
-def test_splice_returns_none_when_nothing_diverges(wrong):
-    assert splice_trajectory(wrong, CHAIN_RIGHT) is None
-
-
-_numbers = st.integers(min_value=0, max_value=60)
+def test_rule_writer_refuses_what_it_cannot_write_faithfully():
+    lucky = "12 + 25 = 37\n37 + 45 = 72\n72 + 0 = 72\nThe answer is \\boxed{72}"  # right answer, false step 2
+    assert write_rule_synthesis(LINES_WRONG.replace("62", "61"), lucky) is None
+    assert write_rule_synthesis(LINES_RIGHT, LINES_RIGHT) is None  # nothing wrong
+    # The wrong attempt itself opens with "Wait": its copy cannot be told apart from the reflection, so the written
+    # text would not read back as the splice (the splice itself still builds the trajectory).
+    waiting = "Wait, 37 + 45 = 72\n72 - 10 = 62\nThe answer is \\boxed{62}"
+    assert splice_trajectory(waiting, LINES_RIGHT) is not None and write_rule_synthesis(waiting, LINES_RIGHT) is None
 
 
 @st.composite
-def _solution(draw):
-    """A step list: arithmetic steps (true or off by some delta), prose, and a final answer line."""
-    steps = []
-    for _ in range(draw(st.integers(0, 5))):
-        a, b, op = draw(_numbers), draw(_numbers), draw(st.sampled_from("+-*"))
-        value = {"+": a + b, "-": a - b, "*": a * b}[op] + draw(st.sampled_from([0, 0, 1, -3]))
-        form = draw(st.sampled_from(["{e}", "So {e}.", "Step {i}: {e}"]))
-        steps.append(form.format(e=f"{a} {op} {b} = {value}", i=len(steps) + 1))
-        if draw(st.booleans()):
-            steps.append(draw(st.sampled_from(["Let's think.", "We know 23 apples.", "Hmm, ok.", "Now subtract."])))
-    steps.append(f"The answer is \\boxed{{{draw(_numbers)}}}")
-    return draw(st.sampled_from(["\n", " ", "\n\n"])).join(steps)
+def _chain_pair(draw):
+    """(wrong, right, bad step): a chain of 3-6 terms, one `a op b = c` line per step, then the boxed answer; the
+    wrong chain is off by a delta at one step and carries on correctly from its wrong value."""
+    terms = draw(st.lists(st.integers(1, 99), min_size=3, max_size=6))
+    ops = draw(st.lists(st.sampled_from("+-*"), min_size=len(terms) - 1, max_size=len(terms) - 1))
+    bad, delta = draw(st.integers(0, len(ops) - 1)), draw(st.sampled_from([-10, -1, 1, 2, 10]))
+    layout = "{}\n" + draw(st.sampled_from(["The answer is \\boxed{{{}}}", "\\boxed{{{}}}", "So it is \\boxed{{{}}}."]))
+
+    def chain(error: int) -> str:
+        value, lines = terms[0], []
+        for k, (op, b) in enumerate(zip(ops, terms[1:])):
+            result = {"+": value + b, "-": value - b, "*": value * b}[op] + (error if k == bad else 0)
+            lines.append(f"{value} {op} {b} = {result}")
+            value = result
+        return layout.format("\n".join(lines), value)
+
+    return chain(delta), chain(0), bad
 
 
-@settings(max_examples=200, deadline=None)
-@given(wrong=_solution(), reference=_solution())
-def test_splice_property_prefix_is_verbatim_and_spans_tile(wrong, reference):
-    t = splice_trajectory(wrong, reference)
-    if t is not None:
-        assert tiles(t)
-        assert wrong.startswith(t.parts()[0])
-        assert t.text.endswith(reference[reference.rindex("The answer is") :])
-        assert extract_answer(t.text) == extract_answer(reference)
-
-
-@settings(max_examples=100, deadline=None)
-@given(wrong=st.text(max_size=80), reference=st.text(max_size=80))
-def test_splice_never_crashes_on_arbitrary_text(wrong, reference):
-    t = splice_trajectory(wrong, reference + " \\boxed{1}")
-    assert t is None or (tiles(t) and wrong.startswith(t.parts()[0]))
+@settings(max_examples=150, deadline=None)
+@given(pair=_chain_pair(), cut=st.sampled_from(CUTS))
+def test_rule_writer_round_trips_to_the_splice(pair, cut):
+    wrong, right, bad = pair
+    text = write_rule_synthesis(wrong, right, cut=cut)
+    assert text is not None
+    assert f"The first critical error is step {bad + 1}: it claims" in parse_synthesis(text).analysis
+    assembled = assemble_trajectory(wrong, parse_synthesis(text), prefix_match="strict", cut=cut)
+    spliced = splice_trajectory(wrong, right, cut=cut)
+    assert assembled.text == spliced.text and assembled.prefix_span == spliced.prefix_span

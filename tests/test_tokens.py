@@ -3,8 +3,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tapo.core.synthesis import Trajectory, splice_trajectory
-from tapo.core.tokens import CORRECTION, IGNORE, PREFIX, REFLECTION, SPAN_LABELS, label_tokens, span_fractions
+from tapo.core.splice import splice_trajectory
+from tapo.core.trajectory import Trajectory
+from tapo.core.tokens import (
+    CORRECTION,
+    IGNORE,
+    PREFIX,
+    REFLECTION,
+    SPAN_LABELS,
+    label_tokens,
+    span_fractions,
+    trajectory_token_ids,
+)
 
 P, R, C = PREFIX, REFLECTION, CORRECTION
 
@@ -94,6 +104,80 @@ def test_spliced_trajectory_labels_run_prefix_then_reflection_then_correction(to
     assert tokenizer.decode(ids[first_reflection : labels.index(C)]).startswith("\nWait, 68 - 12 = 50 is wrong")
 
 
+# ------------------------------------------------------------------------------- the prefix as the policy sampled it
+
+WRONG = "23 + 45 = 68\n68 - 12 = 50\nThe answer is \\boxed{50}"
+RIGHT = "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}"
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The test BPE plus the special tokens of a chat model: a thinking tag, the turn terminator, padding."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(), eos_token="<eos>")
+    tokenizer.add_tokens(["<think>", "<|im_end|>", "<pad>"], special_tokens=True)
+    return tokenizer
+
+
+def one_token_per_char(tokenizer, text: str) -> list[int]:
+    """A non-canonical split a sampler can produce: every character its own token (bytes for non-ASCII)."""
+    return [i for char in text for i in tokenizer(char, add_special_tokens=False)["input_ids"]]
+
+
+def test_prefix_reuses_a_non_canonical_sampled_split(chat_tokenizer):
+    tok = chat_tokenizer
+    end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<pad>")
+    sampled = one_token_per_char(tok, WRONG) + [end, pad, pad]
+    assert sampled[:-3] != tok(WRONG, add_special_tokens=False)["input_ids"]  # canonical tokenization merges
+    for cut in ("before_error", "after_error"):
+        t = splice_trajectory(WRONG, RIGHT, cut=cut)
+        prefix, _, _ = t.parts()
+        ids, labels = trajectory_token_ids(tok, t, sampled, end)
+        n = len(prefix)  # one sampled id per prefix char, reused as sampled
+        assert ids[:n] == sampled[:n] and labels[:n] == [P] * n
+        rest = label_tokens(tok, trajectory("", t.parts()[1], t.parts()[2]), add_eos=False)  # canonical from the cut
+        assert ids[n:] == rest[0] + [end] and labels[n:] == rest[1] + [C]
+        assert tok.decode(ids[:-1]) == t.text and tok.eos_token_id not in ids
+
+
+def test_special_tokens_skipped_in_the_rollout_text_stay_in_the_prefix(chat_tokenizer):
+    tok = chat_tokenizer
+    think, end = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("<|im_end|>")
+    sampled = [think] + tok(WRONG, add_special_tokens=False)["input_ids"] + [end]
+    assert tok.decode(sampled, skip_special_tokens=True) == WRONG  # the rollout text has no <think>
+    t = splice_trajectory(WRONG, RIGHT)  # prefix "23 + 45 = 68": 5 canonical tokens
+    ids, labels = trajectory_token_ids(tok, t, sampled, end)
+    assert ids[:6] == sampled[:6] and labels[:6] == [P] * 6 and labels[6] == R and ids[-1] == end
+    # Decoded with the special tokens kept, the sampled text ("<think>23 ...") is not the rollout text: nothing of it
+    # agrees with the trajectory, so nothing is reused and the whole text is tokenized as label_tokens does.
+    ids, labels = trajectory_token_ids(tok, t, sampled, end, skip_special_tokens=False)
+    plain_ids, plain_labels = label_tokens(tok, t, add_eos=False)
+    assert (ids, labels) == (plain_ids + [end], plain_labels + [C])
+
+
+def test_a_char_cut_inside_a_sampled_token_goes_back_to_its_start(chat_tokenizer):
+    tok = chat_tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    sampled = tok("23 + 45 = 68", add_special_tokens=False)["input_ids"]  # "23", " +", " 45", " =", " 68"
+    t = trajectory("23 + 4", "\nWait, no.", "\n23 + 45 = 68")  # the prefix ends inside " 45"
+    ids, labels = trajectory_token_ids(tok, t, sampled, end)
+    rest = tok(" 4\nWait, no.\n23 + 45 = 68", add_special_tokens=False)["input_ids"]
+    assert ids == sampled[:2] + rest + [end]
+    n = 2 + len(tok(" 4", add_special_tokens=False)["input_ids"])  # the cut-off " 4" is re-tokenized as prefix
+    assert tok.decode(ids[:-1]) == t.text and labels[:n] == [P] * n and labels[n] == R
+
+
+def test_a_character_split_over_byte_tokens_is_reused_whole(chat_tokenizer):
+    tok = chat_tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    sampled = one_token_per_char(tok, "é = 5") + [end]  # é is two byte tokens; the first decodes to nothing
+    assert len(sampled) == 7
+    t = trajectory("é", " = 5\nWait, no.", "\n5")
+    ids, labels = trajectory_token_ids(tok, t, sampled, end)
+    assert ids[:2] == sampled[:2] and labels[:3] == [P, P, R] and tok.decode(ids[:-1]) == t.text
+    ids, _ = trajectory_token_ids(tok, trajectory("", "é = 5", "\n5"), sampled, end)  # empty prefix: nothing reused
+    assert ids == tok("é = 5\n5", add_special_tokens=False)["input_ids"] + [end]
+
+
 def test_bad_tokenizers_are_rejected():
     t = trajectory("a", "b", "c")
     with pytest.raises(ValueError, match="no eos"):
@@ -104,6 +188,8 @@ def test_bad_tokenizers_are_rejected():
 
     with pytest.raises(ValueError, match="fast tokenizer"):
         label_tokens(SlowTokenizer(), t)
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        trajectory_token_ids(SlowTokenizer(), t, [1], 0)
 
 
 def test_span_fractions():

@@ -95,6 +95,10 @@ def test_extract_answer_never_raises(text):
 
 FACTORIAL_PRODUCT = 2**25 * math.factorial(26)
 
+ROOTS = "\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}"
+ROOTS_REVERSED = "\\frac{-1-\\sqrt{17}}{2}, \\frac{-1+\\sqrt{17}}{2}"
+ROOTS_PM = "\\frac{-1\\pm\\sqrt{17}}{2}"
+
 EQUIVALENCE_CASES = [
     ("\\boxed{\\frac12}", "0.5", True),
     ("\\boxed{\\dfrac{1}{2}}", "1/2", True),
@@ -122,12 +126,33 @@ EQUIVALENCE_CASES = [
     ("\\boxed{0.5}", "$\\frac{1}{2}$", True),  # gold already wrapped in $...$
     ("\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", True),  # gold already boxed
     ("$\\frac{1}{2}$", "0.5", True),  # short text without a marked answer: math-verify extracts from all of it
+    # A ± nested in a fraction stands for both values (math-verify alone reads only a top-level ± as the set).
+    (f"\\boxed{{{ROOTS_PM}}}", ROOTS, True),
+    (f"\\boxed{{{ROOTS_PM}}}", ROOTS_REVERSED, True),
+    (f"\\boxed{{{ROOTS}}}", ROOTS_PM, True),
+    ("\\boxed{\\frac{-1 ∓ \\sqrt{17}}{2}}", ROOTS, True),
+    ("\\boxed{\\frac{1\\pm\\sqrt{17}}{2}}", ROOTS, False),
+    ("\\boxed{\\frac{-1+\\sqrt{17}}{2}}", ROOTS, False),  # one of the two values is not the set (math-verify's sets)
 ]
 
 
 @pytest.mark.parametrize("completion, gold, expected", EQUIVALENCE_CASES)
 def test_is_correct_follows_math_verify(completion, gold, expected):
     assert is_correct(completion, gold) is expected
+
+
+@pytest.mark.parametrize(
+    "latex, expected",
+    [
+        ("\\frac{-1\\pm\\sqrt{17}}{2}", "\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}"),
+        ("a \\pm b \\mp c", "a + b - c, a - b + c"),  # the signs move together
+        ("x = ±2", "x = +2, x = -2"),
+        ("\\pmod{3} + 1", "\\pmod{3} + 1"),  # a longer command is not a sign
+        ("5", "5"),
+    ],
+)
+def test_expand_plus_minus(latex, expected):
+    assert verify._expand_plus_minus(latex) == expected
 
 
 def test_long_text_without_a_marked_answer_is_wrong():

@@ -23,7 +23,7 @@ from torch import Tensor
 from tapo.core.registry import Registry
 
 SCALES = ("group", "batch", "none")
-REF_BASELINES = ("orig", "ref")
+REF_BASELINES = ("orig", "ref", "union")
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 register_advantage = ADVANTAGE_ESTIMATORS.register  # decorator: @register_advantage("name")
@@ -95,8 +95,12 @@ def decoupled_advantages(
     ref_rewards[g] (1-D, possibly empty) holds the rewards of query g's constructed trajectories, scored as
         ref_baseline="orig": A = (r - mean(orig_g)) / (std_orig + eps)   (the original group's baseline)
         ref_baseline="ref":  A = (r - mean(G_ref[g])) / (std_ref + eps)  (the constructions' own group)
-    where std_* follows `scale` ("batch" pools the original rewards, resp. all constructions' rewards). Zero or
-    undefined std -> A = 0 (never NaN/inf); NaN rewards -> A = 0; an empty group -> an empty tensor.
+        ref_baseline="union": A = (r - mean(U_g)) / (std_U + eps), U_g = orig_g + G_ref[g] (the group with its
+                              accepted constructions: the most literal "decoupled" reading that still carries signal
+                              when every construction is correct; applied to the constructions only)
+    where std_* follows `scale` ("batch" pools the original rewards, resp. all constructions' rewards, resp. all
+    rewards of all unions). Zero or undefined std -> A = 0 (never NaN/inf); NaN rewards -> A = 0 and are left out of
+    the statistics; an empty group -> an empty tensor.
 
     Why "orig" is the default: constructions are accepted only after re-verification, so every G_ref[g] is all
     correct, has zero variance, and "ref" gives them zero advantage, i.e. no learning signal at all. Under "orig" a
@@ -115,7 +119,11 @@ def decoupled_advantages(
             raise ValueError(f"ref_rewards[{g}] must be 1-D, got shape {tuple(group.shape)}")
     ref_rewards = [group if group.is_floating_point() else group.float() for group in ref_rewards]
     orig_advantages = grpo_advantages(orig_rewards, eps, scale)
-    baseline_groups = list(orig_rewards) if ref_baseline == "orig" else ref_rewards
+    baseline_groups = {
+        "orig": list(orig_rewards),
+        "ref": ref_rewards,
+        "union": [torch.cat([orig, ref]) for orig, ref in zip(orig_rewards, ref_rewards)],
+    }[ref_baseline]
     stats = _baselines(baseline_groups, scale)
     ref_advantages = [_standardize(group, mean, std, eps) for group, (mean, std) in zip(ref_rewards, stats)]
     return orig_advantages, ref_advantages

@@ -1,15 +1,13 @@
-"""Micro-reflective trajectories: the synthesis prompt, its parser, trajectory assembly, and a deterministic splice.
+"""A model writes the trajectory: the synthesis prompt, its parser, and assembly onto the wrong rollout.
 
-A trajectory is `prefix + reflection + correction`:
-  prefix      a verbatim prefix of the policy's wrong rollout, ending before its first critical error. It is always
-              sliced from the wrong rollout itself, never taken from a model's copy, so its tokens are the policy's own.
-  reflection  one short natural-language diagnosis at the point of the error ("Wait, 23 + 45 = 63 is wrong: ...").
-  correction  corrected reasoning from there to the right final answer.
+The trajectory (`tapo.core.trajectory`) is `prefix + reflection + correction`, its prefix sliced from the wrong rollout.
 
-Synthesis contract (what `SYNTHESIS_PROMPT` asks for and `parse_synthesis` / `assemble_trajectory` accept):
+Synthesis contract (what `SYNTHESIS_PROMPT` asks for, `format_synthesis` writes and `parse_synthesis` /
+`assemble_synthesis` accept):
 
     <analysis> diagnosis of the first critical error in the wrong attempt </analysis>
-    <reconstruction> the wrong attempt copied verbatim up to, not including, that error,
+    <reconstruction> the wrong attempt copied verbatim up to that error (cut="before_error": not including the
+                     erroneous step; cut="after_error": including it),
                      then one reflection sentence ("Wait, ..."),
                      then the corrected reasoning ending in \\boxed{answer} </reconstruction>
 
@@ -26,30 +24,35 @@ Parsing (`parse_synthesis`), linear time in the output length:
     partial closing tag at the end (`</recons`) is dropped;
   * no such block, or an empty analysis or reconstruction -> None.
 
-Assembly (`assemble_trajectory`): the copy inside the reconstruction is matched against the wrong rollout character by
-character with all whitespace ignored on both sides. Where the match ends:
-  * if the rest of the reconstruction opens with a reflection marker (`MARKERS`, or a contrastive "But"/"However"/"No",
-    optionally after punctuation), the copy ended on purpose: prefix = wrong up to the last matched character,
-    reflection = the rest up to the end of its first sentence (".", "!" or "?" before whitespace, or a newline),
-    correction = everything after that;
-  * otherwise the copy deviated from the wrong rollout (paraphrase, or the model simply wrote the correct solution).
-    `prefix_match="strict"` rejects it. `prefix_match="longest"` cuts the matched prefix back to the end of the last
-    whole step (line or sentence, as `splice_trajectory` splits them), inserts the analysis as the reflection, and
-    keeps the rest of the reconstruction from the cut on, deviating copy included, as the correction: it is the
-    model's own continuation from that point, so the trajectory still reads in order.
-  Rejected (None): empty reflection or correction; a prefix that covers the whole wrong rollout (the error must lie in
-  the part not kept); a prefix shorter than `min_prefix_chars` (with min_prefix_chars > 0 this rejects a copy that
-  matches nothing the policy actually wrote).
+Assembly (`assemble_synthesis`, which says why it rejects; `assemble_trajectory` returns only the trajectory). The
+analysis is never part of the trajectory: it is third-person diagnosis, not the policy's reasoning. Whitespace at
+either end of the reconstruction is tag layout and is dropped. The copy is matched against the wrong rollout char by
+char with all whitespace ignored on both sides (a match never ends inside a word). Where the match ends:
+  * the rest opens with a reflection phrase (`MARKERS`, or a contrastive "But"/"However"/"No", optionally after
+    punctuation): the copy ended on purpose. prefix = wrong up to the last matched character.
+  * otherwise the copy deviated from the wrong rollout (a paraphrase, or the model simply wrote a solution). If no
+    later step of the reconstruction opens with a `MARKERS` phrase -> rejected `no_reflection`. Else
+    `prefix_match="strict"` (default) rejects it as `copy_mismatch`. `prefix_match="longest"` anchors the model's own
+    reflection in the policy's text: the reconstruction's last step before that reflection step must equal (whitespace
+    ignored) a whole step of the wrong rollout at or after the step where the copy deviated; prefix = wrong up to the
+    end of that step, so the reflection sits exactly after the step the model put it after and the deviating copy is
+    replaced by the policy's own words. No such step -> `copy_mismatch`. So "longest" never places a diagnosis before
+    a step it did not follow, never inserts the analysis, and never falls back to an empty prefix: it keeps everything
+    "strict" keeps, plus copies that are loose before the point of reflection.
+  Then reflection = from the end of the prefix's copy to the end of the reflection's first sentence (".", "!" or "?"
+  before whitespace, or a newline), correction = the rest; no sentence end or nothing after it -> `no_correction`.
+  The prefix must fit the cut -> else `copy_mismatch`: with "before_error" it must leave some of the wrong rollout out
+  (the error lies in the part not kept); with "after_error" it must be non-empty (it holds the erroneous step). A
+  prefix shorter than `min_prefix_chars` -> `copy_mismatch`.
 
-Splice (`splice_trajectory`) builds a trajectory without any model, from a wrong and a correct rollout; see there.
+`tapo.core.splice` builds a trajectory without any model, from a wrong and a correct rollout.
 """
 
-import ast
-import operator
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 
+from tapo.core.splice import splice_at_first_error, split_steps
+from tapo.core.trajectory import Trajectory, build_trajectory, check_cut
 from tapo.core.verify import extract_answer
 
 SYNTHESIS_PROMPT = """You are given a math problem, an incorrect attempt at it and a correct attempt.
@@ -70,7 +73,7 @@ and leads to the wrong final answer. Reply in exactly this format:
 One or two sentences: which step is the first critical error and why it is wrong.
 </analysis>
 <reconstruction>
-The incorrect attempt copied exactly, character for character, up to but not including the first critical error. \
+The incorrect attempt copied exactly, character for character, up to {copy_until} the first critical error. \
 Then one short sentence that notices the error, starting with "Wait,". Then the correct reasoning from that point on, \
 ending with the final answer as \\boxed{{answer}}.
 </reconstruction>"""
@@ -99,24 +102,46 @@ MARKERS = (
 
 # Right after the copied prefix a contrastive opener is evidence enough that the copy ended on purpose.
 _OPENERS = MARKERS + ("but", "however", "no")
-_OPENER_AT_START = re.compile(
-    r"\s*[^\w\s]{0,3}\s*(?:"
-    + "|".join(re.escape(m).replace("'", "['’]") for m in sorted(_OPENERS, key=len, reverse=True))
-    + r")\b",
-    re.IGNORECASE,
-)
+
+
+def _phrase_at_start(phrases: tuple[str, ...]) -> re.Pattern:
+    """Matches one of `phrases` as whole words at the start, after optional whitespace and up to 3 punctuation marks."""
+    alternatives = (re.escape(m).replace("'", "['’]") for m in sorted(phrases, key=len, reverse=True))
+    return re.compile(r"\s*[^\w\s]{0,3}\s*(?:" + "|".join(alternatives) + r")\b", re.IGNORECASE)
+
+
+_OPENER_AT_START = _phrase_at_start(_OPENERS)
+_MARKER_AT_START = _phrase_at_start(MARKERS)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 
 _TAG = re.compile(r"<\s*(/?)\s*(analysis|reconstruction)\s*>", re.IGNORECASE)
 _CLOSE_RECONSTRUCTION = "</reconstruction>"
+_COPY_UNTIL = {"before_error": "but not including", "after_error": "and including"}
+
+# Why a synthesis gave no trajectory; the trainer logs them as tapo/rejected_<reason>. Assembly decides the first
+# four; the trainer decides wrong_answer (the trajectory does not re-verify) and too_long (over the length budget).
+UNPARSED, COPY_MISMATCH, NO_REFLECTION, NO_CORRECTION = "unparsed", "copy_mismatch", "no_reflection", "no_correction"
+WRONG_ANSWER, TOO_LONG = "wrong_answer", "too_long"
+REJECTIONS = (UNPARSED, COPY_MISMATCH, NO_REFLECTION, NO_CORRECTION, WRONG_ANSWER, TOO_LONG)
+PREFIX_MATCHES = ("strict", "longest")
 
 
-def build_synthesis_prompt(problem: str, wrong: str, reference: str) -> str:
-    """The synthesis request for one (wrong, reference) pair; braces in the inputs are safe (str.format values)."""
+def is_blank(rollout) -> bool:
+    """A rollout with nothing to repair or copy (only whitespace: the completion was just its terminator)."""
+    return not isinstance(rollout, str) or not rollout.strip()
+
+
+def build_synthesis_prompt(problem: str, wrong: str, reference: str, cut: str = "before_error") -> str:
+    """The synthesis request for one (wrong, reference) pair; braces in the inputs are safe (str.format values).
+
+    Raises on a blank input (`is_blank`): callers leave blank rollouts out of pairing."""
     for name, value in (("problem", problem), ("wrong", wrong), ("reference", reference)):
-        if not isinstance(value, str) or not value.strip():
+        if is_blank(value):
             raise ValueError(f"build_synthesis_prompt: {name} must be a non-empty string, got {value!r:.80}")
-    return SYNTHESIS_PROMPT.format(problem=problem.strip(), wrong=wrong.strip(), reference=reference.strip())
+    check_cut(cut)
+    return SYNTHESIS_PROMPT.format(
+        problem=problem.strip(), wrong=wrong.strip(), reference=reference.strip(), copy_until=_COPY_UNTIL[cut]
+    )
 
 
 @dataclass(frozen=True)
@@ -165,39 +190,6 @@ def parse_synthesis(text: str) -> Synthesis | None:
     return Synthesis(analysis=analysis, reconstruction=reconstruction)
 
 
-@dataclass(frozen=True)
-class Trajectory:
-    """text == prefix + reflection + correction; the spans are (start, end) char offsets into text that tile it."""
-
-    text: str
-    prefix_span: tuple[int, int]
-    reflection_span: tuple[int, int]
-    correction_span: tuple[int, int]
-    prefix_fraction: float  # kept prefix chars / len(wrong rollout)
-
-    def __post_init__(self):
-        bounds = (*self.prefix_span, *self.reflection_span, *self.correction_span)
-        tiled = bounds[0] == 0 and bounds[1] == bounds[2] and bounds[3] == bounds[4] and bounds[5] == len(self.text)
-        if not tiled or list(bounds) != sorted(bounds):
-            raise ValueError(f"Trajectory spans {bounds} do not tile a text of {len(self.text)} chars")
-
-    def parts(self) -> tuple[str, str, str]:
-        """(prefix, reflection, correction) as strings."""
-        spans = (self.prefix_span, self.reflection_span, self.correction_span)
-        return tuple(self.text[start:end] for start, end in spans)
-
-
-def _trajectory(prefix: str, reflection: str, correction: str, wrong_length: int) -> Trajectory:
-    a, b = len(prefix), len(prefix) + len(reflection)
-    return Trajectory(
-        text=prefix + reflection + correction,
-        prefix_span=(0, a),
-        reflection_span=(a, b),
-        correction_span=(b, b + len(correction)),
-        prefix_fraction=len(prefix) / wrong_length if wrong_length else 0.0,
-    )
-
-
 def _match_ignoring_space(wrong: str, copy: str, limit: int | None = None) -> tuple[int, int, int]:
     """(i, j, n): wrong[:i] and copy[:j] hold the same n non-whitespace chars; i and j end just after the last one.
 
@@ -220,13 +212,8 @@ def _is_word_char(char: str) -> bool:
     return char.isalnum() or char == "_"
 
 
-def assemble_trajectory(
-    wrong: str, synthesis: Synthesis, min_prefix_chars: int = 0, prefix_match: str = "longest"
-) -> Trajectory | None:
-    """Trajectory from a wrong rollout and the policy's synthesis of it, or None (rules in the module docstring)."""
-    if prefix_match not in ("longest", "strict"):
-        raise ValueError(f"prefix_match must be 'longest' or 'strict', got {prefix_match!r}")
-    copy = synthesis.reconstruction
+def _verbatim_copy_end(wrong: str, copy: str) -> tuple[int, int]:
+    """(i, j): wrong[:i] and copy[:j] hold the same non-whitespace chars, as far as they agree; never mid-word."""
     i, j, matched = _match_ignoring_space(wrong, copy)
     # A match that stops inside a word on either side ("W|ait" against "W|e", "No|, wait" against "No|te") backs off to
     # the start of that word: a prefix never ends inside a word, and a reflection never starts inside one.
@@ -235,257 +222,107 @@ def assemble_trajectory(
     while inside_word and partial_word < j and _is_word_char(copy[j - partial_word - 1]):
         partial_word += 1
     if partial_word:
-        i, j, matched = _match_ignoring_space(wrong, copy, limit=matched - partial_word)
-    rest = copy[j:]
-    opener = _OPENER_AT_START.match(rest)
-    if opener:
-        end = _SENTENCE_END.search(rest, opener.end())
-        if end is None:
-            return None  # the reflection runs to the end: there is no correction
-        reflection, correction = rest[: end.end()], rest[end.end() :]
-    elif prefix_match == "strict":
-        return None
-    else:
-        cut = max((end for _, end in _steps(wrong) if end <= i), default=0)
-        i, j, _ = _match_ignoring_space(wrong, copy, limit=sum(not char.isspace() for char in wrong[:cut]))
-        reflection = ("\n" if i else "") + synthesis.analysis.strip()
-        correction = "\n" + copy[j:].lstrip()
-    prefix = wrong[:i]
-    if not reflection.strip() or not correction.strip() or not wrong[i:].strip() or len(prefix) < min_prefix_chars:
-        return None
-    return _trajectory(prefix, reflection, correction, len(wrong))
+        i, j, _ = _match_ignoring_space(wrong, copy, limit=matched - partial_word)
+    return i, j
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Deterministic splice
-
-DEFAULT_REFLECTION = "Wait, {bad} is wrong: {fix}. Let me redo this from there."
-
-# "1." / "a)" / "Step 2:" on their own are enumerators, not sentences: never split after them, never read them as data.
-_ENUMERATOR = re.compile(r"\s*(?:step\s*)?(?:\d+|[a-z])[.:)]", re.IGNORECASE)
-_SENTENCE_GAP = re.compile(r"(?<=[.!?])\s+")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_OPERATOR_SPELLINGS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "×": "*", "·": "*", "÷": "/", "−": "-"}
-# A claim "lhs = rhs": rhs is one number or a plain fraction, not followed by more of a term (5x, 2^3, 1.5.2).
-_CLAIM_RHS = re.compile(r"=\s*(-?\d+(?:\.\d+)?(?:/\d+)?)(?![\w^/]|\.\d)")
-_ARITHMETIC_CHARS = set("0123456789()+-*/ \t")
-_BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+def _squeeze(text: str) -> str:
+    return "".join(text.split())
 
 
-def _steps(text: str) -> list[tuple[int, int]]:
-    """(start, end) spans of the steps of a solution: its lines, split further at sentence ends; stripped, non-empty."""
-    steps = []
-
-    def add(start: int, end: int):
-        piece = text[start:end]
-        if piece.strip():
-            steps.append((start + len(piece) - len(piece.lstrip()), end - len(piece) + len(piece.rstrip())))
-
-    for line in re.finditer(r"[^\n]+", text):
-        start = line.start()
-        for gap in _SENTENCE_GAP.finditer(line.group()):
-            if not _ENUMERATOR.fullmatch(text[start : line.start() + gap.start()]):
-                add(start, line.start() + gap.start())
-                start = line.start() + gap.end()
-        add(start, line.end())
-    return steps
-
-
-def _evaluate(expression: str) -> Fraction | None:
-    """Exact value of an expression of numbers, parentheses and + - * /; None if it is anything else (no eval())."""
-    if len(expression) > 200:  # bounded: ast recursion depth and cost
-        return None
-    try:
-        tree = ast.parse(expression, mode="eval").body
-    except SyntaxError:
-        return None
-
-    def value(node) -> Fraction:
-        match node:
-            case ast.Constant(value=int() | float() as number) if not isinstance(number, bool):
-                return Fraction(str(number))
-            case ast.UnaryOp(op=ast.USub(), operand=operand):
-                return -value(operand)
-            case ast.UnaryOp(op=ast.UAdd(), operand=operand):
-                return value(operand)
-            case ast.BinOp(left=left, op=op, right=right) if type(op) in _BINARY_OPERATORS:
-                return _BINARY_OPERATORS[type(op)](value(left), value(right))
-        raise ValueError(node)
-
-    if not any(isinstance(node, ast.BinOp) for node in ast.walk(tree)):
-        return None  # "5 = 5" states no computation
-    try:
-        return value(tree)
-    except (ValueError, ZeroDivisionError):
-        return None
+def _whole_step_end(wrong: str, step: str, after: int) -> int | None:
+    """End of the first step of `wrong` that ends after char `after` and equals `step` with whitespace ignored."""
+    target = _squeeze(step)
+    ends = (end for start, end in split_steps(wrong) if end > after and _squeeze(wrong[start:end]) == target)
+    return next(ends, None)
 
 
 @dataclass(frozen=True)
-class _Claim:
-    lhs: str  # "23 + 45"
-    stated: str  # "63"
-    true: Fraction
+class Assembly:
+    """The outcome of assembling one synthesis: a trajectory, or why there is none."""
 
-    @property
-    def key(self) -> tuple[str, Fraction]:
-        """What the claim computes, comparable across texts: (lhs without spaces, its true value)."""
-        return self.lhs.replace(" ", ""), self.true
-
-    @property
-    def holds(self) -> bool:
-        stated = Fraction(self.stated)
-        decimals = len(self.stated.partition(".")[2].split("/")[0])
-        # A decimal result may be rounded ("10 / 3 = 3.33"); an integer or fraction result must be exact.
-        return abs(self.true - stated) <= Fraction(1, 2 * 10**decimals) if decimals else self.true == stated
+    trajectory: Trajectory | None
+    rejection: str | None = None  # one of REJECTIONS, set exactly when trajectory is None
 
 
-def _normalise_operators(text: str) -> str:
-    for spelling, symbol in _OPERATOR_SPELLINGS.items():
-        text = text.replace(spelling, symbol)
-    return _THOUSANDS_COMMA.sub("", text)
+def assemble_synthesis(
+    wrong: str,
+    synthesis: Synthesis,
+    min_prefix_chars: int = 0,
+    prefix_match: str = "strict",
+    cut: str = "before_error",
+) -> Assembly:
+    """Trajectory from a wrong rollout and a synthesis of it, or why not (rules in the module docstring)."""
+    if prefix_match not in PREFIX_MATCHES:
+        raise ValueError(f"prefix_match must be one of {PREFIX_MATCHES}, got {prefix_match!r}")
+    check_cut(cut)
+    copy = synthesis.reconstruction.strip()
+    prefix_end, reflection_start = _verbatim_copy_end(wrong, copy)
+    if not _OPENER_AT_START.match(copy, reflection_start):
+        steps = split_steps(copy)
+        later = (k for k, (start, _) in enumerate(steps) if start >= reflection_start)
+        reflection_step = next((k for k in later if _MARKER_AT_START.match(copy, steps[k][0])), None)
+        if reflection_step is None:
+            return Assembly(None, NO_REFLECTION)
+        if prefix_match == "strict" or reflection_step == 0:
+            return Assembly(None, COPY_MISMATCH)
+        # "longest": the copy's step before the reflection, found whole in the wrong rollout past the deviation.
+        anchor_start, anchor_end = steps[reflection_step - 1]
+        step_end = _whole_step_end(wrong, copy[anchor_start:anchor_end], after=prefix_end)
+        if step_end is None:
+            return Assembly(None, COPY_MISMATCH)
+        prefix_end, reflection_start = step_end, anchor_end
+    opener = _OPENER_AT_START.match(copy, reflection_start)
+    end = _SENTENCE_END.search(copy, opener.end())
+    if end is None or not copy[end.end() :].strip():
+        return Assembly(None, NO_CORRECTION)
+    prefix = wrong[:prefix_end]
+    # before_error: the error lies in the part not kept; after_error: the kept part holds the erroneous step.
+    fits_cut = bool(wrong[prefix_end:].strip()) if cut == "before_error" else bool(prefix.strip())
+    if not fits_cut or len(prefix) < min_prefix_chars:
+        return Assembly(None, COPY_MISMATCH)
+    reflection, correction = copy[reflection_start : end.end()], copy[end.end() :]
+    return Assembly(build_trajectory(prefix, reflection, correction, len(wrong)))
 
 
-def _claims(step: str) -> list[_Claim]:
-    """The checkable arithmetic claims `a op b ... = c` in a step, in order."""
-    step = _normalise_operators(step)
-    claims = []
-    for rhs in _CLAIM_RHS.finditer(step):
-        start = rhs.start()  # walk left over the arithmetic run; a "." counts only as a decimal point
-        while start > 0 and (
-            step[start - 1] in _ARITHMETIC_CHARS
-            or (step[start - 1] == "." and step[start - 2 : start - 1].isdigit() and step[start : start + 1].isdigit())
-        ):
-            start -= 1
-        run = step[start : rhs.start()]
-        lhs = run.strip()
-        while lhs.startswith("(") and lhs.count("(") > lhs.count(")"):
-            lhs = lhs[1:].lstrip()
-        before = step[start - 1] if start else " "
-        attached = before.isalnum() or before in "_^}\\'"
-        # "x + 2 + 3 = 5", "x - 3 = 2", "f(2) + 3 = 5": the run continues a term that is not a number, skip it.
-        if not lhs or lhs[0] in "+*/)" or (attached and (not run[0].isspace() or lhs[0] == "-")):
-            continue
-        true = _evaluate(lhs)
-        if true is not None:
-            claims.append(_Claim(lhs=lhs, stated=rhs.group(1), true=true))
-    return claims
+def assemble_output(wrong: str, output: str, **options) -> Assembly:
+    """Parse a synthesis writer's raw output and assemble it (`assemble_synthesis` options); unparsed -> UNPARSED."""
+    synthesis = parse_synthesis(output)
+    return Assembly(None, UNPARSED) if synthesis is None else assemble_synthesis(wrong, synthesis, **options)
 
 
-def _numbers(step: str) -> set[Fraction]:
-    enumerator = _ENUMERATOR.match(step)
-    if enumerator and step[enumerator.end() : enumerator.end() + 1].isspace():
-        step = step[enumerator.end() :]
-    return {Fraction(n) for n in _NUMBER.findall(_THOUSANDS_COMMA.sub("", step))}
+def assemble_trajectory(wrong: str, synthesis: Synthesis, **options) -> Trajectory | None:
+    """The trajectory of `assemble_synthesis` (same options), or None when it rejects."""
+    return assemble_synthesis(wrong, synthesis, **options).trajectory
 
 
-def _normalise_step(step: str) -> str:
-    return " ".join(_BOXED.sub(r"\1", step).lower().split()).rstrip(".,;: ")
+def format_synthesis(analysis: str, reconstruction: str) -> str:
+    """A synthesis in the layout `SYNTHESIS_PROMPT` asks for: the target text a policy learns to write."""
+    return f"<analysis>\n{analysis.strip()}\n</analysis>\n<reconstruction>\n{reconstruction}\n</reconstruction>"
 
 
-def _summary(step: str) -> str:
-    """A step as a clause for the reflection sentence: unboxed, one line, no final punctuation, lower-case start."""
-    text = " ".join(_BOXED.sub(r"\1", step).split()).rstrip(".,;: ")
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+def write_rule_synthesis(wrong: str, reference: str, gold: str | None = None, cut: str = "before_error") -> str | None:
+    """A real synthesis written by rule, no model, for step-checkable solutions (cold-start data for small models).
 
-
-def _format_number(value: Fraction) -> str:
-    if value.denominator == 1:
-        return str(value.numerator)
-    decimal = f"{float(value):.6f}".rstrip("0")
-    return decimal if Fraction(decimal) == value else f"{value.numerator}/{value.denominator}"
-
-
-def _same_answer(a: str, b: str) -> bool:
-    a, b = (re.sub(r"[\s$]", "", x).rstrip(".") for x in (a, b))
-    try:
-        return Fraction(a) == Fraction(b)
-    except (ValueError, ZeroDivisionError):
-        return a == b
-
-
-def _first_bad_step(wrong: str, reference: str, target: str) -> tuple[int, _Claim | None, int] | None:
-    """(index of the wrong rollout's first bad step, its false claim or None, reference step to resume at), or None."""
-    reference_steps = [reference[start:end] for start, end in _steps(reference)]
-    reference_norms = [_normalise_step(step) for step in reference_steps]
-    reference_claims = [{claim.key for claim in _claims(step)} for step in reference_steps]
-    reference_numbers = _numbers(reference)
-    wrong_steps = [wrong[start:end] for start, end in _steps(wrong)]
-    # Only the last step stating an answer gives the final one ("The answer is the sum of ..." early on does not).
-    answers = [extract_answer(step) for step in wrong_steps]
-    final = max((index for index, answer in enumerate(answers) if answer is not None), default=None)
-    resume = 0  # the reference step after the last one a kept wrong step matched
-    for index, step in enumerate(wrong_steps):
-        norm, claims = _normalise_step(step), _claims(step)
-        false_claim = next((claim for claim in claims if not claim.holds), None)
-        wrong_answer = index == final and not _same_answer(answers[index], target)
-        unsupported = norm not in reference_norms and bool(_numbers(step) - reference_numbers)
-        if false_claim or wrong_answer or unsupported:
-            if false_claim:  # resume where the reference makes the same computation, if it does
-                for r in range(resume, len(reference_steps)):
-                    if any(lhs == false_claim.key[0] for lhs, _ in reference_claims[r]):
-                        resume = r
-                        break
-            return index, false_claim, min(resume, len(reference_steps) - 1)
-        keys = {claim.key for claim in claims}
-        for r in range(resume, len(reference_steps)):
-            if reference_norms[r] == norm or keys & reference_claims[r]:
-                resume = r + 1
-                break
-    return None
-
-
-def splice_trajectory(
-    wrong: str, reference: str, gold: str | None = None, reflection_template: str = DEFAULT_REFLECTION
-) -> Trajectory | None:
-    """Deterministic trajectory: the wrong rollout up to its first bad step, a templated reflection, the reference.
-
-    Both texts are split into steps (lines, then sentences). Walking the wrong rollout's steps, the first bad step is
-    the first that
-      * states an arithmetic claim `a op b ... = c` that is false (evaluated exactly with fractions over an ast of
-        numbers and + - * /; a decimal result may be rounded), or
-      * states the rollout's final answer (the last step where `extract_answer` finds one) and it differs from the
-        target answer, or
-      * is not a step of the reference (case/whitespace-insensitive) and states a number the reference never states
-        (so paraphrased set-up prose is kept, while a step resting on an unsupported number is not).
-    The prefix is the wrong rollout up to the end of the step before it (empty if the first step is bad). The
-    reference resumes at its step that makes the same computation as the bad claim (same left-hand side), else right
-    after the last reference step a kept step matched (same text, or a shared true claim); it always includes at
-    least the reference's last step. The reflection is `reflection_template.format(bad=..., fix=...)`: for a false
-    claim bad = "23 + 45 = 63" and fix = "23 + 45 = 68"; otherwise bad is the bad step and fix the step the reference
-    resumes at. The target answer is `gold` if given, else the reference's answer; if the reference states no answer,
-    "The answer is \\boxed{gold}." is appended. Returns None if there is no target answer, or no bad step (answers
-    equal, or an unfinished but so far correct rollout: nothing to reflect on).
+    The splice's checker (`tapo.core.splice.splice_at_first_error`, which also refuses a reference with a false step)
+    locates the first critical error; the analysis names it ("The first critical error is step 2: it claims
+    37 + 45 = 72, but 37 + 45 = 82."; steps as `split_steps` counts them, from 1) and the reconstruction is the
+    spliced trajectory: the wrong attempt verbatim up to the cut, the "Wait, ..." reflection, the reference's
+    reasoning to its boxed answer. None when the splice gives nothing, or when parsing and strict assembly of the
+    written text would not give back the spliced trajectory (text and prefix), so every synthesis it writes is one the
+    trainer reads back exactly.
     """
-    try:
-        reflection_template.format(bad="", fix="")
-        usable = "{bad}" in reflection_template and "{fix}" in reflection_template
-    except (KeyError, IndexError, ValueError):
-        usable = False
-    if not usable:
-        raise ValueError(f"reflection_template must use the fields {{bad}} and {{fix}} only: {reflection_template!r}")
-    reference_answer = extract_answer(reference)
-    target = gold if gold is not None else reference_answer
-    if target is None or not reference.strip():
+    spliced = splice_at_first_error(wrong, reference, gold, cut=cut)
+    if spliced is None:
         return None
-    found = _first_bad_step(wrong, reference, target)
-    if found is None:
-        return None
-    index, false_claim, resume = found
-    wrong_steps, reference_steps = _steps(wrong), _steps(reference)
-    if false_claim:
-        bad = f"{false_claim.lhs} = {false_claim.stated}"
-        fix = f"{false_claim.lhs} = {_format_number(false_claim.true)}"
+    error, trajectory = spliced.error, spliced.trajectory
+    where = f"The first critical error is step {error.step + 1}"
+    if error.is_claim:
+        analysis = f"{where}: it claims {error.bad}, but {error.fix}."
     else:
-        bad = _summary(wrong[slice(*wrong_steps[index])])
-        fix = _summary(reference[slice(*reference_steps[resume])])
-    # Reuse each text's own whitespace between steps, so the seams read like the rollouts they came from.
-    prefix_end = wrong_steps[index - 1][1] if index else 0
-    reflection = wrong[prefix_end : wrong_steps[index][0]] + reflection_template.format(bad=bad, fix=fix)
-    resume_start = reference_steps[resume][0]
-    reference_gap = reference[reference_steps[resume - 1][1] : resume_start] if resume else "\n"
-    correction = reference_gap + reference[resume_start:].rstrip()
-    if reference_answer is None:
-        correction += f"\nThe answer is \\boxed{{{target}}}."
-    return _trajectory(wrong[:prefix_end], reflection, correction, len(wrong))
+        analysis = f'{where}: "{error.bad}" is wrong; the correct step is "{error.fix}".'
+    text = format_synthesis(analysis, trajectory.text)
+    read_back = assemble_output(wrong, text, cut=cut).trajectory
+    if read_back is None or (read_back.text, read_back.prefix_span) != (trajectory.text, trajectory.prefix_span):
+        return None
+    return text

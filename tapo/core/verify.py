@@ -251,12 +251,34 @@ atexit.register(shutdown)
 os.register_at_fork(after_in_child=_forget_parent_workers)
 
 
+_PLUS_MINUS = re.compile(r"\\(?:pm|mp)(?![A-Za-z])|[±∓]")
+_SIGNS = {"\\pm": "+-", "±": "+-", "\\mp": "-+", "∓": "-+"}  # the sign in the first and in the second value
+
+
+def _expand_plus_minus(latex: str) -> str:
+    """A bare answer with ± as the two values it stands for: `\\frac{-1\\pm\\sqrt{17}}{2}` ->
+    `\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}` (all ± signs move together, ∓ the other way); unchanged
+    without ±. math-verify reads a top-level `a \\pm b` as that two-value set itself, but not a ± nested in a fraction
+    or a root. So such an answer equals a gold listing both values (in any order, both being a set), and a single one
+    of them stays wrong against a two-value gold, as math-verify compares sets."""
+    if not _PLUS_MINUS.search(latex):
+        return latex
+    plus = _PLUS_MINUS.sub(lambda sign: _SIGNS[sign.group()][0], latex)
+    minus = _PLUS_MINUS.sub(lambda sign: _SIGNS[sign.group()][1], latex)
+    return f"{plus}, {minus}"
+
+
 def _verify_in_worker(answer: str | None, gold: str, full_text: str | None) -> bool:
     from math_verify import parse, verify  # only worker processes load sympy
 
-    gold_forms = [gold] if "$" in gold or "\\boxed" in gold else [f"${gold}$", f"\\boxed{{{gold}}}"]
+    if "$" in gold or "\\boxed" in gold:
+        gold_forms = [gold]
+    else:
+        gold = _expand_plus_minus(gold)
+        gold_forms = [f"${gold}$", f"\\boxed{{{gold}}}"]
     gold_parsed = [parsed for form in gold_forms for parsed in parse(form, parsing_timeout=None)]
-    predicted = parse(full_text if answer is None else f"\\boxed{{{answer}}}", parsing_timeout=None)
+    predicted_form = full_text if answer is None else f"\\boxed{{{_expand_plus_minus(answer)}}}"
+    predicted = parse(predicted_form, parsing_timeout=None)
     return bool(gold_parsed and predicted and verify(gold_parsed, predicted, timeout_seconds=None))
 
 
