@@ -142,6 +142,15 @@ def draw_chain(spec: ArithSpec, rng: random.Random) -> Chain:
     return Chain(tuple(terms), tuple(ops))
 
 
+def sample_chain(spec: ArithSpec, rng: random.Random) -> Chain:
+    """One random chain of `spec.split` (repeats allowed: for pre-training, where a small space is no error)."""
+    for _ in range(MAX_DRAWS_PER_PROBLEM):
+        chain = draw_chain(spec, rng)
+        if in_split(chain.problem, spec.split):
+            return chain
+    raise ArithSpecError(f"{spec.as_spec()}: no problem of split {spec.split} in {MAX_DRAWS_PER_PROBLEM} draws")
+
+
 def generate_chains(spec: ArithSpec, n: int, seed: int) -> list[Chain]:
     """`n` distinct chains of `spec.split`, drawn from `seed`."""
     rng = random.Random(f"arith-{seed}")

@@ -187,8 +187,7 @@ def pretrain(settings: PolicySettings, out_dir: str | Path, writer: SynthesisWri
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps)))
     rng = random.Random(f"pretrain-{settings.seed}")
-    # Pre-training draws fresh chains every batch (a pool big enough that nothing repeats often), never test ones.
-    pool = arith.generate_chains(spec, 20_000, seed=settings.seed + 10_000)
+    # Every example is a fresh draw from the train split (repeats allowed), never a test one.
     checks = [(c.problem, str(c.answer)) for c in arith.generate_chains(spec, settings.n_check, seed=settings.seed + 20_000)]
     curve, start, step, n_params = [], time.perf_counter(), 0, sum(p.numel() for p in model.parameters())
     log(f"pre-training a {n_params / 1e6:.2f}M-parameter policy on {settings.task} ({device})")
@@ -198,10 +197,10 @@ def pretrain(settings: PolicySettings, out_dir: str | Path, writer: SynthesisWri
         if settings.synthesis_every and step % settings.synthesis_every == 0:
             examples = []
             while len(examples) < settings.synthesis_batch_size:
-                example = synthesis_example(rng.choice(pool), rng, writer)
+                example = synthesis_example(arith.sample_chain(spec, rng), rng, writer)
                 examples += [example] if example else []
         else:
-            examples = [solution_example(rng.choice(pool), rng, settings.error_rate) for _ in range(settings.batch_size)]
+            examples = [solution_example(arith.sample_chain(spec, rng), rng, settings.error_rate) for _ in range(settings.batch_size)]
         loss = model(**_batch(tokenizer, examples, device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
