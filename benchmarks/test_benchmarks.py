@@ -87,3 +87,79 @@ def test_settings_round_trip_to_cli_arguments():
     assert parse_settings(["lr_scheduler_type=constant", "x=a=b"]) == {"lr_scheduler_type": "constant", "x": "a=b"}
     with pytest.raises(SystemExit, match="key=value"):
         parse_settings(["oops"])
+
+
+def test_testbed_arms_are_named_by_their_tapo_train_options():
+    from testbed import arm_settings, job_id, parse_job_id
+
+    assert arm_settings("grpo") == {"algorithm": "grpo"}
+    assert arm_settings("tapo:ref_baseline=union,ots_enabled=false") == {
+        "algorithm": "tapo", "ref_baseline": "union", "ots_enabled": "false"}
+    with pytest.raises(SystemExit, match="not key=value"):
+        arm_settings("tapo:oops")
+    assert parse_job_id(job_id("tapo:constructor=self", 0.001, 3)) == ("tapo:constructor=self", 0.001, 3)
+
+
+def test_testbed_area_under_curve_is_the_mean_accuracy_over_training():
+    from testbed import area_under_curve
+
+    points = [{"step": 0, "greedy": 0.2}, {"step": 10, "greedy": 0.4}, {"step": 30, "greedy": 0.4}]
+    # Trapezoids: 10 * 0.3 + 20 * 0.4 = 11, over 30 steps.
+    assert area_under_curve(points) == pytest.approx(11 / 30)
+    assert area_under_curve([{"step": 0, "greedy": 0.5}]) == 0.5
+
+
+def test_testbed_bootstrap_interval():
+    from testbed import bootstrap_ci
+
+    assert bootstrap_ci([0.1]) is None
+    assert bootstrap_ci([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2))
+    low, high = bootstrap_ci([0.0, 0.1, 0.2, 0.3])
+    assert 0.0 <= low < 0.15 < high <= 0.3  # the mean 0.15 lies inside, the interval within the data's range
+    assert bootstrap_ci([0.0, 0.1, 0.2, 0.3]) == (low, high)  # seeded
+
+
+def _job(arm, seed, greedy, lr=1e-3, auc=None):
+    return {"arm": arm, "lr": lr, "seed": seed, "auc": greedy if auc is None else auc, "step_s": 1.0, "tokens": 100,
+            "final": {"greedy": greedy, "avg@k": greedy, "dsr": greedy, "err": None}}
+
+
+def test_testbed_summary_pairs_by_seed_and_says_whether_the_interval_excludes_zero():
+    from testbed import summarize
+
+    spec = {"seeds": [0, 1, 2], "ablation_seeds": [0], "default_lr": 1e-3}
+    jobs = {i: j for i, j in enumerate([
+        _job("grpo", 0, 0.2), _job("grpo", 1, 0.3), _job("grpo", 2, 0.4),
+        _job("tapo", 0, 0.3), _job("tapo", 1, 0.4), _job("tapo", 2, 0.5),  # +0.1 on every seed
+        _job("tapo:ots_enabled=false", 0, 0.1),  # one seed: no interval
+        _job("tapo", 100, 0.9), _job("grpo", 1, 0.9, lr=3e-3),  # sweep seed, other learning rate: not counted
+    ])}
+    summary = summarize(jobs, {}, spec)
+    diff = summary["tapo"]["final_greedy - grpo"]
+    assert diff["mean"] == pytest.approx(0.1) and diff["n"] == 3 and diff["excludes_0"]
+    assert diff["ci95"] == pytest.approx((0.1, 0.1))
+    assert summary["grpo"]["final_greedy"] == pytest.approx(0.3) and "final_greedy - grpo" not in summary["grpo"]
+    ablation = summary["tapo:ots_enabled=false"]["final_greedy - grpo"]
+    assert ablation["mean"] == pytest.approx(-0.1) and ablation["ci95"] is None and not ablation["excludes_0"]
+    assert summary["tapo"]["final_err"] is None and "final_err - grpo" not in summary["tapo"]
+
+
+def test_testbed_learning_rate_is_the_best_mean_auc_on_the_sweep_seeds():
+    from testbed import chosen_learning_rates
+
+    spec = {"sweep_seeds": [100, 101], "learning_rates": [1e-3, 3e-3]}
+    jobs = {i: j for i, j in enumerate([
+        _job("grpo", 100, 0, lr=1e-3, auc=0.5), _job("grpo", 101, 0, lr=1e-3, auc=0.1),
+        _job("grpo", 100, 0, lr=3e-3, auc=0.3), _job("grpo", 101, 0, lr=3e-3, auc=0.4),
+        _job("grpo", 0, 0, lr=1e-3, auc=0.9),  # an evaluation seed: not part of the choice
+        _job("tapo", 100, 0, lr=1e-3, auc=0.5),  # sweep incomplete: no choice
+    ])}
+    assert chosen_learning_rates(jobs, spec, ["grpo", "tapo"]) == {"grpo": 3e-3}
+
+
+def test_testbed_results_of_more_seeds_and_arms_are_the_same_experiment():
+    from testbed import same_experiment
+
+    spec = {"task": "arith", "steps": 200, "seeds": [0], "arms": ["grpo"], "ablation_seeds": [0]}
+    assert same_experiment({**spec, "seeds": [0, 1], "arms": ["grpo", "tapo"]}, spec)
+    assert not same_experiment({**spec, "steps": 100}, spec) and not same_experiment(None, spec)

@@ -38,7 +38,8 @@ def load_problems(
 ) -> tuple[datasets.Dataset, int]:
     """Loads `spec` and returns (dataset with id/problem/answer[/solution], number of bad rows skipped).
 
-    spec: a `.jsonl`, `.json` (array of objects, or JSON lines) or `.parquet` file; `rg:TASK[:key=value,...]` or a
+    spec: a `.jsonl`, `.json` (array of objects, or JSON lines) or `.parquet` file; `arith[:key=value,...]` (the
+    testbed's arithmetic chains, `n` items, default 1000, from `seed`; keys in tapo.arith); `rg:TASK[:key=value,...]` or a
     bare reasoning-gym task name (generated offline: `n` items, default 1000, from `seed`; the key=values go to
     `reasoning_gym.create_dataset`, e.g. `rg:chain_sum:min_terms=2,max_terms=3`); otherwise a hub dataset
     `name[:config]` loaded with `datasets.load_dataset(..., split=split)` (needs network).
@@ -74,6 +75,14 @@ def _read_rows(spec: str, *, split: str, n: int | None, seed: int) -> tuple[str,
     """(source name for messages, [(row label, raw row)]) for any spec form."""
     if Path(spec).suffix in (".jsonl", ".json", ".parquet"):
         return spec, _read_file(Path(spec))
+    if spec == "arith" or spec.startswith("arith:"):  # tapo.arith: step-checkable chains, generated locally
+        from tapo import arith
+
+        try:
+            generated = arith.rows(arith.ArithSpec.parse(spec), n=n or 1000, seed=seed)
+        except arith.ArithSpecError as err:
+            raise DataError(str(err)) from err
+        return spec, [(f"row {i}", r) for i, r in enumerate(generated)]
     import reasoning_gym  # imported here: it is large, and only task specs need it
 
     if spec.startswith("rg:") or spec.split(":")[0] in reasoning_gym.factory.DATASETS:

@@ -393,6 +393,8 @@ class TAPOTrainer(GRPOTrainer):
         metrics["tapo/parse_rate"].append(parsed / attempted if attempted else float("nan"))
         metrics["tapo/accept_rate"].append(accepted / attempted if attempted else float("nan"))
         kept = [trajectories[r] for r in rows if r in trajectories and accepted_local[r]]
+        # Tokens of the accepted constructed rows: the testbed compares arms at equal trained tokens.
+        metrics["tapo/constructed_tokens"].append(sum(len(labels) for _, _, labels in kept))
         if kept:
             metrics["tapo/prefix_fraction"].append(sum(t.prefix_fraction for t, _, _ in kept) / len(kept))
             metrics["tapo/reflection_tokens"].append(

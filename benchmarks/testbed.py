@@ -1,0 +1,463 @@
+"""The learning testbed: does TAPO beat GRPO? Many seeds, hundreds of steps, a policy small enough for a CPU.
+
+Task: step-checkable arithmetic chains (tapo.arith, dataset spec `arith:...`), a held-out set from the test hash
+partition (disjoint from every training draw). Policy: a ~1M-parameter Llama with a character tokenizer, pre-trained
+in-process to a sampled accuracy of ~25% with step errors at varied steps, plus synthesis-format examples (the cold
+start), cached by a hash of its settings (tapo.arith_policy).
+
+Every arm is a real `tapo train` run: the options go through `tapo.cli.parse_train_args` (the embedded default < this
+size's settings < the arm's options < the chosen learning rate), the trainer is built like `tapo.run.train`
+(`make_trainer`). An arm is named by its options, so new TAPOConfig options need no code here:
+    grpo                         --algorithm grpo
+    tapo                         --algorithm tapo (the embedded default's constructor, splice)
+    tapo:constructor=self        the policy writes its own syntheses (the pre-training held its cold start)
+    tapo:ref_baseline=ref        ... any `tapo train` option as key=value, comma-separated
+    opsd                         --algorithm opsd
+
+Per run, every `eval_every` steps, on the held-out set (fixed sampling seeds: every arm is graded on the same draws):
+  greedy    share of problems whose greedy answer is correct
+  avg@k     mean over problems of the share of k samples (RL temperature) that are correct
+  dsr, err  tapo eval's DSR / ERR (tapo.evaluation.metrics.reflection_metrics) over those k samples
+plus the training wall-clock (evaluation excluded) and trained tokens (prompt + completion tokens of the rollouts, as
+TRL counts them, plus the tokens of accepted constructed rows). Per arm and seed: final values and the area under the
+greedy curve (mean greedy accuracy over training, trapezoid rule). Summary: paired (same seed) differences to GRPO with
+95% bootstrap confidence intervals over seeds, and whether each excludes 0.
+
+Learning rates: `--sweep` first runs every arm at each of the size's learning rates on separate seeds and keeps, per
+arm, the one with the best mean area under the curve; the main runs use it.
+
+Resumable and parallel: each (arm, learning rate, seed) job's result is merged into the results file under a file
+lock as soon as it ends; a rerun skips finished jobs. `--jobs N` runs N jobs at once as child processes with one
+torch thread each (on a GPU machine they share the GPU: the policy is tiny).
+
+    python benchmarks/testbed.py --smoke              # plumbing check, < 2 minutes (run by the test suite)
+    python benchmarks/testbed.py --sweep --jobs 2     # the default size, learning rates first
+    python benchmarks/testbed.py --size full --sweep --jobs 16   # a 16-core / GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, StepClock, build_trainer, load_train_set, machine, make_config, set_threads, write_json
+from transformers import TrainerCallback
+
+from tapo import arith
+from tapo.arith_policy import PolicySettings, pretrain_stats, pretrained_policy
+from tapo.core.verify import extract_answer, is_correct
+from tapo.evaluation.generate import TransformersSampler, prompt_ids
+from tapo.evaluation.metrics import reflection_metrics
+from tapo.evaluation.reflection import analyze_reflection, marker_pattern
+
+# What every arm trains with, over the embedded default: K=8 rollouts of 4 queries per step, the RL temperature the
+# policy was pre-trained for, room for a character-level splice reflection (~45 tokens) and a synthesis (~350).
+TRAIN = dict(num_generations=8, per_device_train_batch_size=32, max_completion_length=128, ref_max_length=320,
+             synthesis_max_tokens=384, temperature=1.0, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
+             logging_steps=1, n_pos=1, n_neg=2, m_max=4)
+TASK = "arith:terms=3-6,ops=+-*,max=20,mul_max=5"
+SIZES = {
+    "smoke": dict(task="arith:terms=3-4,ops=+-,max=9", n_train=64, n_eval=16, k=2, eval_every=2, steps=2,
+                  train=dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=48),
+                  policy=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_steps=4,
+                              check_every=4, n_check=8, batch_size=8, synthesis_every=2, synthesis_batch_size=2,
+                              max_new_tokens=48),
+                  seeds=[0], ablation_seeds=[0], sweep_seeds=[100], learning_rates=[1e-4, 1e-3],
+                  arms=["grpo", "tapo", "tapo:constructor=self"]),
+    # What a shared, overloaded 2-core CPU affords in well under an hour: an easier task (3-4 terms, + and -, one
+    # digit), a 0.1M-parameter policy, short runs, the main arms, no learning-rate sweep.
+    "cpu": dict(task="arith:terms=3-4,ops=+-,max=9", n_train=1024, n_eval=256, k=2, eval_every=20, steps=40,
+                train=dict(per_device_train_batch_size=16, max_completion_length=64, ref_max_length=160,
+                           synthesis_max_tokens=256),
+                policy=dict(hidden_size=64, num_layers=2, intermediate_size=256, batch_size=32, check_every=50,
+                            n_check=64, max_steps=600, synthesis_batch_size=2, max_new_tokens=64),
+                seeds=[0, 1, 2], ablation_seeds=[0], sweep_seeds=[100], learning_rates=[3e-4, 1e-3, 3e-3],
+                arms=["grpo", "tapo", "tapo:constructor=self"]),
+    "default": dict(task=TASK, n_train=2048, n_eval=256, k=4, eval_every=25, steps=200, train={}, policy={},
+                    seeds=list(range(8)), ablation_seeds=list(range(4)), sweep_seeds=[100, 101],
+                    learning_rates=[3e-4, 1e-3, 3e-3],
+                    arms=["grpo", "tapo", "tapo:constructor=self", "tapo:ref_baseline=ref", "tapo:ots_enabled=false",
+                          "opsd"]),
+    "full": dict(task=TASK, n_train=8192, n_eval=512, k=8, eval_every=25, steps=400, train={}, policy={},
+                 seeds=list(range(16)), ablation_seeds=list(range(8)), sweep_seeds=[100, 101, 102],
+                 learning_rates=[1e-4, 3e-4, 1e-3, 3e-3],
+                 arms=["grpo", "tapo", "tapo:constructor=self", "tapo:ref_baseline=ref", "tapo:ots_enabled=false",
+                       "opsd"]),
+}
+MAIN_ARMS = ("grpo", "tapo", "tapo:constructor=self")  # get `seeds`; the other arms get `ablation_seeds`
+EVAL_SEED = 1234
+BOOTSTRAP_DRAWS = 10_000
+
+
+def arm_settings(arm: str) -> dict:
+    """'tapo:ref_baseline=ref,ots_enabled=false' -> {'algorithm': 'tapo', 'ref_baseline': 'ref', ...} (strings: the
+    CLI parser converts and checks them, so a misspelt option fails with its list of valid ones)."""
+    algorithm, _, options = arm.partition(":")
+    settings = {"algorithm": algorithm}
+    for pair in filter(None, options.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"arm {arm!r}: {pair!r} is not key=value")
+        settings[key] = value
+    return settings
+
+
+def job_id(arm: str, lr: float, seed: int) -> str:
+    return f"{arm}|lr={lr:g}|seed={seed}"
+
+
+def parse_job_id(job: str) -> tuple[str, float, int]:
+    arm, lr, seed = job.split("|")
+    return arm, float(lr.removeprefix("lr=")), int(seed.removeprefix("seed="))
+
+
+def make_trainer(run, config, train_set, callbacks):
+    """The trainer of one arm, built as `tapo train` builds it (the one place to switch to a shared factory)."""
+    return build_trainer(run, config, train_set, callbacks=callbacks)
+
+
+class HeldOut:
+    """Greedy, avg@k, DSR and ERR on the held-out problems, batched, from fixed seeds; the caller's RNG is untouched."""
+
+    def __init__(self, rows: list[dict], tokenizer, k: int, temperature: float, max_tokens: int, batch_size: int = 256):
+        self.rows, self.tokenizer, self.k = rows, tokenizer, k
+        self.temperature, self.max_tokens, self.batch_size = temperature, max_tokens, batch_size
+        self.prompts = [prompt_ids(tokenizer, r["problem"]) for r in rows]
+        self.pattern = marker_pattern()
+
+    def _texts(self, sampler, repeats: int) -> list[list[str]]:
+        items = [i for i in range(len(self.prompts)) for _ in range(repeats)]
+        texts = [[] for _ in self.prompts]
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            outs = sampler.generate([self.prompts[i] for i in batch], batch_seed=EVAL_SEED + start, sample_seeds=[0] * len(batch))
+            for i, out in zip(batch, outs, strict=True):
+                texts[i].append(out.text)
+        return texts
+
+    def __call__(self, model) -> dict:
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            greedy = self._texts(TransformersSampler(model, self.tokenizer, self.max_tokens, 0.0, 1.0), 1)
+            sampled = self._texts(TransformersSampler(model, self.tokenizer, self.max_tokens, self.temperature, 1.0), self.k)
+        model.train(was_training)
+        golds = [r["answer"] for r in self.rows]
+        greedy_correct = [is_correct(t[0], g) for t, g in zip(greedy, golds, strict=True)]
+        samples = []
+        for texts, gold in zip(sampled, golds, strict=True):
+            for text in texts:
+                correct = is_correct(text, gold)
+                reflection = analyze_reflection(text, gold, extract_answer(text), correct, self.pattern)
+                samples.append({"correct": correct, "reflection": {"reflected": reflection.reflected,
+                                                                   "first_correct": reflection.first_correct}})
+        reflections = reflection_metrics(samples)
+        return {"greedy": statistics.fmean(greedy_correct), "avg@k": statistics.fmean(s["correct"] for s in samples),
+                "dsr": reflections["dsr"]["value"], "err": reflections["err"]["value"],
+                "reflection_rate": reflections["reflection_rate"]["value"], "eval_s": time.perf_counter() - start}
+
+
+class Curve(TrainerCallback):
+    """Held-out metrics every `every` steps and at the end, with the training wall-clock and trained tokens so far.
+    Added after the StepClock, so the evaluation's own time is not in the step times."""
+
+    def __init__(self, evaluate: HeldOut, every: int, clock: StepClock, start: dict):
+        self.evaluate, self.every, self.clock, self.points = evaluate, every, clock, [start]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        logs = [r for r in state.log_history if "num_tokens" in r]
+        constructed = sum(r.get("tapo/constructed_tokens", 0.0) for r in logs)
+        point = {"step": state.global_step, "train_s": sum(s["wall_s"] for s in self.clock.steps),
+                 "tokens": (logs[-1]["num_tokens"] if logs else 0) + constructed, **self.evaluate(model)}
+        self.points.append(point)
+        print(f"    step {point['step']}: greedy {point['greedy']:.3f}  avg@k {point['avg@k']:.3f}  "
+              f"({point['train_s']:.0f} s training)", flush=True)
+
+
+def area_under_curve(points: list[dict], metric: str = "greedy") -> float:
+    """Mean of `metric` over training: trapezoid rule over steps, divided by the last step."""
+    steps = [p["step"] for p in points]
+    values = [p[metric] for p in points]
+    if steps[-1] == 0:
+        return values[-1]
+    return float(np.trapezoid(values, steps) / steps[-1])
+
+
+def run_job(job: str, spec: dict, policy: str, held_out: list[dict], base: dict) -> dict:
+    """One `tapo train` run of an arm at a learning rate and seed, with its held-out curve."""
+    arm, lr, seed = parse_job_id(job)
+    settings = {**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"], "n_train": spec["n_train"],
+                "max_steps": spec["steps"], **arm_settings(arm), "learning_rate": lr, "seed": seed}
+    run, config, _ = make_config(settings)
+    train_set = load_train_set(run, config)
+    clock = StepClock()
+    trainer = make_trainer(run, config, train_set, callbacks=[clock])
+    evaluate = HeldOut(held_out, trainer.processing_class, spec["k"], config.temperature, config.max_completion_length)
+    curve = Curve(evaluate, spec["eval_every"], clock, {"step": 0, "train_s": 0.0, "tokens": 0, **base})
+    trainer.add_callback(curve)
+    start = time.perf_counter()
+    trainer.train()
+    keep = ("step", "reward", "tapo/accuracy", "tapo/constructions_attempted", "tapo/constructions_accepted",
+            "tapo/parse_rate", "tapo/accept_rate", "tapo/constructed_tokens", "num_tokens")
+    logs = [{k: r[k] for k in keep if k in r} for r in trainer.state.log_history if "reward" in r]
+    step_s = [s["wall_s"] for s in clock.steps]
+    final = curve.points[-1]
+    return {"arm": arm, "lr": lr, "seed": seed, "curve": curve.points, "train_logs": logs,
+            "final": {m: final[m] for m in ("greedy", "avg@k", "dsr", "err")}, "auc": area_under_curve(curve.points),
+            "step_s": statistics.fmean(step_s), "train_s": sum(step_s), "tokens": final["tokens"],
+            "wall_s": time.perf_counter() - start, "machine": machine()}
+
+
+def bootstrap_ci(values: list[float], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of the mean, resampling the values (one per seed) with replacement; None below 2."""
+    if len(values) < 2:
+        return None
+    data = np.asarray(values, dtype=float)
+    means = data[np.random.default_rng(seed).integers(0, len(data), (draws, len(data)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def chosen_learning_rates(jobs: dict, spec: dict, arms: list[str]) -> dict:
+    """Per arm, the swept learning rate with the best mean AUC over the sweep seeds (arms not swept: absent)."""
+    out = {}
+    for arm in arms:
+        by_lr = {}
+        for result in jobs.values():
+            if result["arm"] == arm and result["seed"] in spec["sweep_seeds"]:
+                by_lr.setdefault(result["lr"], []).append(result["auc"])
+        complete = {lr: aucs for lr, aucs in by_lr.items() if len(aucs) == len(spec["sweep_seeds"])}
+        if len(complete) == len(spec["learning_rates"]):
+            out[arm] = max(complete, key=lambda lr: statistics.fmean(complete[lr]))
+    return out
+
+
+METRICS = ("final_greedy", "final_avg@k", "auc", "final_dsr", "final_err")
+
+
+def _metric(result: dict, name: str) -> float | None:
+    return result["auc"] if name == "auc" else result["final"][name.removeprefix("final_")]
+
+
+def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
+    """Per arm (its chosen learning rate, evaluation seeds only): means, and paired differences to GRPO with 95%
+    bootstrap intervals over the seeds both arms have."""
+    eval_seeds = set(spec["seeds"]) | set(spec["ablation_seeds"])
+    by_arm: dict[str, dict[int, dict]] = {}
+    for result in jobs.values():
+        lr = lrs.get(result["arm"], spec["default_lr"])
+        if result["seed"] in eval_seeds and result["lr"] == lr:
+            by_arm.setdefault(result["arm"], {})[result["seed"]] = result
+    summary = {}
+    for arm, by_seed in by_arm.items():
+        row = {"lr": lrs.get(arm, spec["default_lr"]), "lr_swept": arm in lrs, "seeds": sorted(by_seed),
+               "step_s": statistics.fmean(r["step_s"] for r in by_seed.values()),
+               "tokens": statistics.fmean(r["tokens"] for r in by_seed.values())}
+        for name in METRICS:
+            values = [v for v in (_metric(r, name) for r in by_seed.values()) if v is not None]
+            row[name] = statistics.fmean(values) if values else None
+            grpo = by_arm.get("grpo", {})
+            pairs = [(_metric(r, name), _metric(grpo[s], name)) for s, r in by_seed.items() if s in grpo]
+            diffs = [a - b for a, b in pairs if a is not None and b is not None]
+            if arm != "grpo" and diffs:
+                ci = bootstrap_ci(diffs)
+                row[f"{name} - grpo"] = {"mean": statistics.fmean(diffs), "ci95": ci, "n": len(diffs),
+                                         "excludes_0": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+        summary[arm] = row
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{'arm':<28} {'lr':>7} {'seeds':>5} {'greedy':>7} {'avg@k':>7} {'AUC':>7} {'s/step':>7}  "
+          f"{'greedy - GRPO [95% CI]':<30} {'AUC - GRPO [95% CI]':<30}")
+    for arm, row in summary.items():
+        cells = []
+        for name in ("final_greedy", "auc"):
+            d = row.get(f"{name} - grpo")
+            if d is None:
+                cells.append("")
+            else:
+                ci = "n<2" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                cells.append(f"{d['mean']:+.3f} {ci}{' *' if d['excludes_0'] else ''}")
+        print(f"{arm:<28} {row['lr']:>7.0e} {len(row['seeds']):>5} {row['final_greedy']:>7.3f} {row['final_avg@k']:>7.3f} "
+              f"{row['auc']:>7.3f} {row['step_s']:>7.2f}  {cells[0]:<30} {cells[1]:<30}")
+    print("(* : the 95% bootstrap interval of the paired difference excludes 0)")
+
+
+def plot(jobs: dict, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, x_key, label in zip(axes, ("step", "train_s", "tokens"), ("optimizer step", "training wall-clock (s)",
+                                                                        "trained tokens")):
+        for arm, row in summary.items():
+            runs = [r for r in jobs.values() if r["arm"] == arm and r["lr"] == row["lr"] and r["seed"] in row["seeds"]]
+            steps = sorted({p["step"] for r in runs for p in r["curve"]})
+            points = [[p for r in runs for p in r["curve"] if p["step"] == s] for s in steps]
+            ax.plot([statistics.fmean(p[x_key] for p in ps) for ps in points],
+                    [statistics.fmean(p["greedy"] for p in ps) for ps in points], marker="o", markersize=3,
+                    label=f"{arm} (n={len(runs)})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out greedy accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def same_experiment(a: dict | None, b: dict) -> bool:
+    """Everything but the lists of seeds and arms is equal."""
+    ignored = dict.fromkeys(("seeds", "ablation_seeds", "arms"))
+    return a is not None and {**a, **ignored} == {**b, **ignored}
+
+
+class Results:
+    """The results file: one JSON, merged under a file lock so several processes can fill it."""
+
+    def __init__(self, path: Path, spec: dict):
+        self.path, self.spec = path, spec
+
+    def load(self) -> dict:
+        """What is on disk, if it is the same experiment (more seeds or arms are the same one, resumed)."""
+        if not self.path.exists():
+            return {}
+        saved = json.loads(self.path.read_text())
+        return saved if same_experiment(saved.get("spec"), self.spec) else {}
+
+    def update(self, **fields) -> dict:
+        """Adds `jobs` entries (and sets any other fields) on top of what is on disk; returns the merged content."""
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self.load() or {"spec": self.spec, "jobs": {}}
+            data["jobs"].update(fields.pop("jobs", {}))
+            data.update(fields)
+            write_json(self.path, data)
+        return data
+
+
+def size_spec(args) -> dict:
+    spec = json.loads(json.dumps(SIZES[args.size]))
+    spec["train"] = {**spec["train"], **dict(kv.split("=", 1) for kv in args.set)}
+    for key in ("steps", "n_eval", "k", "eval_every"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    for key in ("seeds", "ablation_seeds", "arms"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    spec["default_lr"] = spec["learning_rates"][len(spec["learning_rates"]) // 2]
+    return spec
+
+
+def held_out_rows(spec: dict) -> list[dict]:
+    task = arith.ArithSpec.parse(spec["task"])
+    test = arith.ArithSpec(**{**task.__dict__, "split": "test"})
+    return arith.rows(test, spec["n_eval"], seed=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="default")
+    parser.add_argument("--smoke", action="store_const", dest="size", const="smoke")
+    parser.add_argument("--arms", nargs="+", help="arm specs (default: the size's)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds of the main arms (grpo, tapo, tapo self)")
+    parser.add_argument("--ablation-seeds", nargs="+", type=int, help="seeds of the other arms")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--n-eval", type=int)
+    parser.add_argument("--k", type=int)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options, every arm")
+    parser.add_argument("--sweep", action="store_true", help="choose each arm's learning rate on the sweep seeds first")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs at once, as child processes with one thread each")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of this process")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of testbed[_SIZE].json / .png")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one job id, run by a parent with --jobs
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    spec = size_spec(args)
+    name = "testbed" if args.size == "default" else f"testbed_{args.size}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out / f"{name}.json", spec)
+
+    settings = PolicySettings(task=spec["task"], **spec["policy"])
+    policy = str(pretrained_policy(settings))
+    held_out = held_out_rows(spec)
+    saved = results.load()
+    if "base" not in saved:  # the untrained policy, evaluated once: every curve starts here
+        from tapo.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(policy)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        base = HeldOut(held_out, tokenizer, spec["k"], TRAIN["temperature"], spec["train"].get(
+            "max_completion_length", TRAIN["max_completion_length"]))(model)
+        saved = results.update(base=base, policy={"folder": policy, **pretrain_stats(policy)}, machine=machine())
+    if args.worker:
+        results.update(jobs={args.worker: run_job(args.worker, spec, policy, held_out, saved["base"])})
+        return 0
+    print(f"testbed {args.size}: policy {policy} (sampled accuracy {saved['policy']['sampled_accuracy']:.3f}, "
+          f"greedy {saved['policy']['greedy_accuracy']:.3f}); held-out before RL: greedy {saved['base']['greedy']:.3f}, "
+          f"avg@k {saved['base']['avg@k']:.3f}", flush=True)
+    for arm in spec["arms"]:  # a misspelt option fails here, before any job starts
+        make_config({**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"], **arm_settings(arm)})
+
+    def run_all(jobs: list[str]) -> dict:
+        done = results.load().get("jobs", {})
+        todo = [j for j in jobs if j not in done]
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; running {len(todo)} ({args.jobs} at once)",
+              flush=True)
+        if args.jobs <= 1:
+            for job in todo:
+                print(job, flush=True)
+                results.update(jobs={job: run_job(job, spec, policy, held_out, saved["base"])})
+        else:
+            script = str(Path(__file__).resolve())
+            passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--sweep",)]
+
+            def child(job):
+                command = [sys.executable, script, *passed, "--worker", job, "--threads", "1"]
+                log = results.path.parent / f".{name}-{job.replace('|', '_').replace(':', '_')}.log"
+                with open(log, "w") as out:
+                    code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ}).returncode
+                print(f"{job}: {'done' if code == 0 else f'FAILED (exit {code}, log {log})'}", flush=True)
+                return code
+
+            with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+                if any(code != 0 for code in pool.map(child, todo)):
+                    raise SystemExit("some jobs failed; rerun to retry them (finished ones are kept)")
+        return results.load()["jobs"]
+
+    lrs = {}
+    if args.sweep:
+        run_all([job_id(a, lr, s) for a in spec["arms"] for lr in spec["learning_rates"] for s in spec["sweep_seeds"]])
+        lrs = chosen_learning_rates(results.load()["jobs"], spec, spec["arms"])
+        print(f"chosen learning rates: {lrs}", flush=True)
+    lrs = {**results.load().get("learning_rates", {}), **lrs}
+    main_jobs = [job_id(a, lrs.get(a, spec["default_lr"]), s) for s in spec["seeds"] for a in spec["arms"]
+                 if a in MAIN_ARMS or s in spec["ablation_seeds"]]
+    jobs = run_all(main_jobs)  # seed-major: a cut-short run has every arm of its first seeds
+    summary = summarize(jobs, lrs, spec)
+    results.update(learning_rates=lrs, summary=summary)
+    print_summary(summary)
+    plot(jobs, summary, args.out / f"{name}.png")
+    print(f"wrote {results.path} and {args.out / f'{name}.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

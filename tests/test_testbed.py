@@ -1,0 +1,31 @@
+"""The learning testbed's --smoke size end to end (plumbing, not outcome): pre-training, parallel jobs merged under a
+lock, the held-out curves, the summary and the plot; a rerun resumes instead of training again."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _testbed(*args, out: Path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(BENCHMARKS / "testbed.py"), "--smoke", "--out", str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_size_runs_every_main_arm_in_parallel_and_resumes(tmp_path):
+    done = _testbed("--jobs", "2", out=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "testbed_smoke.json").read_text())
+    assert (tmp_path / "testbed_smoke.png").stat().st_size > 0
+    assert sorted(r["arm"] for r in result["jobs"].values()) == ["grpo", "tapo", "tapo:constructor=self"]
+    for run in result["jobs"].values():
+        assert [p["step"] for p in run["curve"]] == [0, 2]
+        assert run["curve"][1]["tokens"] > 0 and run["step_s"] > 0 and len(run["train_logs"]) == 2
+        assert set(run["final"]) == {"greedy", "avg@k", "dsr", "err"}
+    assert "final_greedy - grpo" in result["summary"]["tapo"] and result["policy"]["steps"] >= 1
+    again = _testbed(out=tmp_path)
+    assert again.returncode == 0 and "3 of 3 jobs already done" in again.stdout, again.stdout[-2000:]
