@@ -9,8 +9,12 @@ __all__ = ["TAPOConfig", "TAPOTrainer"]
 
 
 def __getattr__(name):
-    if name in __all__:
-        from tapo import trainer
+    if name == "TAPOConfig":
+        from tapo.config import TAPOConfig
 
-        return getattr(trainer, name)
+        return TAPOConfig
+    if name == "TAPOTrainer":
+        from tapo.trainer import TAPOTrainer
+
+        return TAPOTrainer
     raise AttributeError(f"module 'tapo' has no attribute {name!r}")
