@@ -1,6 +1,8 @@
 """`tapo train`: one training run = a run folder with config, metrics.jsonl, checkpoints, final model and a plot.
 
-Kept thin on purpose: data comes from `tapo.data`, models from `tapo.models`, the algorithm from `TAPOTrainer`.
+Kept thin on purpose: data comes from `tapo.data`, models from `tapo.models`, the algorithm from `TAPOTrainer` (or
+`OPSDTrainer`), the run folder's files from `tapo.runfolder`. `build_trainer` is the one place a trainer is built, for
+`tapo train` and for every benchmark.
 """
 
 from __future__ import annotations
