@@ -13,7 +13,9 @@ equals the gold string after light normalisation is accepted in-process. Memory 
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from tapo.verifier_pool import N_WORKERS, check_in_worker
+from tapo.verifier_pool import N_WORKERS, check_in_worker, shutdown
+
+__all__ = ["extract_answer", "is_correct", "math_reward", "shutdown"]  # shutdown: the pool's, kept importable here
 
 MAX_COMPLETION_CHARS = 100_000  # longer completions are cut to their last part before extraction
 FULL_TEXT_FALLBACK_CHARS = 1_000  # without a boxed/"answer is" answer, only this short a text goes to math-verify whole
