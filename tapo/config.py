@@ -1,8 +1,8 @@
 """TAPOConfig: TRL's GRPOConfig plus the TAPO knobs (as TRL keeps `grpo_config.py` beside `grpo_trainer.py`), and the
 embedded CPU default that `tapo train` runs with no arguments.
 
-Allowed values are checked against the core's own tables (`REF_BASELINES`, the loss-aggregation registry), so a new
-aggregation registered in `tapo.core.losses` is accepted here without a second list to update.
+Allowed values are checked against the core's own tables (`REF_BASELINES`, the loss-aggregation registry), not
+against lists of their own.
 """
 
 from __future__ import annotations

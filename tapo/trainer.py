@@ -39,7 +39,7 @@ from trl.trainer.utils import pad
 from tapo.config import TAPOConfig
 from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
 from tapo.core.advantages import decoupled_advantages
-from tapo.core.losses import clipped_pg_loss, tapo_total_loss
+from tapo.core.losses import clipped_pg_loss, generation_batch_count, tapo_total_loss
 from tapo.core.selection import select_candidates
 from tapo.core.synthesis import Trajectory
 from tapo.core.tokens import REFLECTION, label_tokens, span_fractions
@@ -303,9 +303,8 @@ class TAPOTrainer(TrainerBase):
                            else None)
         a = self.args
         weights = ots_weights(logps, entropy, a.ots_low, a.ots_high) if a.ots_enabled else None
-        # The generation batch's global count: tokens (token_mean), sequences, or sequences * constant length (dr_grpo).
-        count = {"token_mean": inputs["constructed_num_items"], "seq_mean_token_mean": inputs["constructed_num_seqs"],
-                 "dr_grpo": inputs["constructed_num_seqs"] * a.ref_max_length}[a.ref_loss_aggregation]
+        count = generation_batch_count(a.ref_loss_aggregation, inputs["constructed_num_items"],
+                                       inputs["constructed_num_seqs"], a.ref_max_length)
         loss, stats = clipped_pg_loss(
             logps, old, inputs["constructed_advantages"][rows], mask, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, token_weights=weights, ref_logprobs=ref_model_logps, beta=self.beta,

@@ -118,6 +118,15 @@ def test_tapo_loss_is_grpo_plus_weighted_ref_loss(tiny_model_dir, tmp_path):
         trainer.compute_loss(trainer.model, out)
     assert metrics["tapo/loss_ref"][-1] != pytest.approx(ref)
 
+    # dr_grpo divides the same token sum by sequences * ref_max_length instead of by tokens.
+    token_mean = metrics["tapo/loss_ref"][-1]
+    trainer.args.ref_loss_aggregation = "dr_grpo"
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, out)
+    tokens, seqs = out["constructed_num_items"].item(), out["constructed_num_seqs"].item()
+    assert metrics["tapo/loss_ref"][-1] == pytest.approx(token_mean * tokens / (seqs * trainer.args.ref_max_length),
+                                                         rel=1e-5)
+
 
 def test_tapo_off_loss_equals_trl_grpo_loss(tiny_model_dir, tmp_path):
     ours = make_trainer(tiny_model_dir, tmp_path / "a", tapo_enabled=False)
