@@ -143,7 +143,8 @@ def _pop_option(argv: list[str], name: str) -> str | None:
 
 
 def parse_train_args(argv: list[str]):
-    """-> (RunArgs, TAPOConfig, explicit) where `explicit` holds the layered non-default settings (saved for resume).
+    """-> (RunArgs, the algorithm's config, explicit): TAPOConfig, or OPSDConfig for `--algorithm opsd`; `explicit` holds
+    the layered non-default settings (saved for resume).
 
     Layers, later wins: the embedded default < a resumed run's args.yaml < --config FILE < the command line. With
     --resume, the run folder must hold a complete checkpoint (checked here, before anything loads)."""
