@@ -1,4 +1,5 @@
-"""What the benchmarks share: building trainers exactly as `tapo train` does, held-out data, and per-section timers.
+"""What the benchmarks share: configs exactly as `tapo train` makes them, held-out data, and per-section timers.
+Trainers come from `tapo.run.build_trainer`, the factory `tapo train` itself uses.
 
 Configs go through `tapo.cli.parse_train_args` (embedded CPU default < the benchmark's settings), so a benchmark arm
 is the same run as `tapo train --key value ...` and `algorithm=grpo/opsd` means what it means on the command line.
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Every benchmark trains on this task: SmolLM2-135M-Instruct answers about 10-20 % of it at the start, so groups hold
@@ -81,26 +81,6 @@ def make_config(settings: dict):
     return parse_train_args(as_argv(settings))
 
 
-def trainer_class(algorithm: str):
-    """The class `tapo.run.train` picks for an algorithm."""
-    if algorithm == "opsd":
-        from tapo.opsd import OPSDTrainer
-
-        return OPSDTrainer
-    from tapo.trainer import TAPOTrainer
-
-    return TAPOTrainer
-
-
-def load_train_set(run, config):
-    """The training set exactly as `tapo.run.train` builds it."""
-    from tapo.data import load_problems, to_conversational
-
-    dataset, _ = load_problems(run.dataset, n=run.n_train, seed=config.seed, problem_field=run.problem_field,
-                               answer_field=run.answer_field, skip_bad_rows=run.skip_bad_rows)
-    return to_conversational(dataset, system_prompt=run.system_prompt)
-
-
 def load_split(task: str, n_train: int, n_eval: int, seed: int = 0):
     """(conversational train set, held-out problems): one draw of the task, split (held-out rows that repeat a
     training problem are dropped, so there can be fewer than `n_eval`)."""
@@ -109,19 +89,6 @@ def load_split(task: str, n_train: int, n_eval: int, seed: int = 0):
     dataset, _ = load_problems(task, n=n_train + n_eval, seed=seed)
     train, held_out = train_eval_split(dataset, eval_size=n_eval, seed=seed)
     return to_conversational(train), held_out
-
-
-def build_trainer(run, config, train_dataset, callbacks=(), cls=None):
-    """A trainer built like `tapo.run.train` builds it (model, reward, dataset), with extra callbacks."""
-    from tapo.core.verify import math_reward
-    from tapo.models import load_model_and_tokenizer, resolve_model
-
-    model, tokenizer = load_model_and_tokenizer(resolve_model(run.model))
-    cls = cls or trainer_class(run.algorithm)
-    trainer = cls(model=model, reward_funcs=[math_reward], args=config, train_dataset=train_dataset,
-                  processing_class=tokenizer, callbacks=list(callbacks))
-    trainer.remove_callback(PrinterCallback)  # the benchmarks print their own summaries
-    return trainer
 
 
 def warm_verifier() -> None:
@@ -209,12 +176,15 @@ def timed_targets() -> list[tuple[type, str]]:
     from trl import GRPOTrainer
 
     from tapo.trainer import TAPOTrainer
+    from tapo.trainer_base import TrainerBase
 
     grpo = ["training_step", "_generate_and_score_completions", "_generate_single_turn", "_calculate_rewards",
             "_get_per_token_logps_and_entropies", "compute_loss"]
-    tapo = ["_generate_and_score_completions", "_calculate_rewards", "_attach_constructions", "_self_generate",
-            "_store_ref_rows", "_ref_loss"]
-    return [(GRPOTrainer, n) for n in grpo] + [(TAPOTrainer, n) for n in tapo] + [(Accelerator, "backward")]
+    base = ["_generate_and_score_completions", "_calculate_rewards"]
+    tapo = ["_generate_and_score_completions", "_attach_constructions", "_self_generate", "_store_constructed_rows",
+            "_ref_loss"]
+    return ([(GRPOTrainer, n) for n in grpo] + [(TrainerBase, n) for n in base] + [(TAPOTrainer, n) for n in tapo]
+            + [(Accelerator, "backward")])
 
 
 class StepClock(TrainerCallback):

@@ -23,7 +23,7 @@ from tapo.core.selection import select_candidates
 from tapo.core.verify import is_correct
 from tapo.data import PROMPT_TEMPLATE, load_problems
 from tapo.models import load_model_and_tokenizer, resolve_model
-from tapo.run import EMBEDDED_DEFAULTS
+from tapo.config import EMBEDDED_DEFAULTS
 
 
 def chat_generate(model, tokenizer, messages: list[str], max_new_tokens: int, temperature: float, num: int = 1) -> list[str]:

@@ -32,7 +32,6 @@ from common import (
     RESULTS,
     TASK,
     benchmark_parser,
-    build_trainer,
     load_split,
     machine,
     make_config,
@@ -47,6 +46,7 @@ from tapo.core.verify import is_correct
 from tapo.evaluation.generate import TransformersSampler, prompt_ids
 from tapo.evaluation.runner import derive_seed
 from tapo.models import load_model_and_tokenizer
+from tapo.run import build_trainer
 
 MODES = {
     "quick": dict(train=dict(model="tiny", dataset=TASK, per_device_train_batch_size=8, num_generations=4, n_pos=1,

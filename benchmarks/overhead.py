@@ -30,8 +30,6 @@ from common import (
     benchmark_parser,
     SectionTimer,
     StepClock,
-    build_trainer,
-    load_train_set,
     machine,
     make_config,
     parse_settings,
@@ -40,6 +38,8 @@ from common import (
     warm_verifier,
     write_json,
 )
+
+from tapo.run import build_trainer, load_train_set
 
 MODES = {
     "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16, num_generations=8,
@@ -100,7 +100,7 @@ def run_arm(settings: dict, warmup: int) -> dict:
     with timer.patch(timed_targets()):
         run, config, _ = make_config(settings)
         clock = StepClock(timer)
-        trainer = build_trainer(run, config, load_train_set(run, config), callbacks=[clock])
+        trainer = build_trainer(run, config, load_train_set(run, config.seed), callbacks=[clock])
         trainer.train()
     first = warmup if len(clock.steps) > warmup else 0
     logs = [r for r in trainer.state.log_history if "reward" in r and r["step"] > first]

@@ -23,8 +23,6 @@ from common import (
     TASK,
     benchmark_parser,
     StepClock,
-    build_trainer,
-    load_train_set,
     machine,
     make_config,
     parse_settings,
@@ -33,6 +31,8 @@ from common import (
     write_json,
 )
 from trl import GRPOConfig, GRPOTrainer
+
+from tapo.run import build_trainer, load_train_set
 
 MODES = {
     "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16, num_generations=8,
@@ -55,7 +55,7 @@ def run_one(kind: str, settings: dict) -> dict:
         fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
         config, cls = GRPOConfig(**{k: v for k, v in explicit.items() if k in fields}), GRPOTrainer
     clock = StepClock()
-    trainer = build_trainer(run, config, load_train_set(run, config), callbacks=[clock], cls=cls)
+    trainer = build_trainer(run, config, load_train_set(run, config.seed), callbacks=[clock], trainer_cls=cls)
     trainer.train()
     logs = [{k: r[k] for k in COMPARED if k in r} | {"step": r["step"]} for r in trainer.state.log_history if "loss" in r]
     return {"step_s": [s["wall_s"] for s in clock.steps], "logs": logs}

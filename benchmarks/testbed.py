@@ -6,8 +6,8 @@ in-process to a sampled accuracy of ~25% with step errors at varied steps, plus 
 start), cached by a hash of its settings (tapo.arith_policy).
 
 Every arm is a real `tapo train` run: the options go through `tapo.cli.parse_train_args` (the embedded default < this
-size's settings < the arm's options < the chosen learning rate), the trainer is built like `tapo.run.train`
-(`make_trainer`). An arm is named by its options, so new TAPOConfig options need no code here:
+size's settings < the arm's options < the chosen learning rate), the trainer is `tapo.run.build_trainer`, the one
+factory `tapo train` uses. An arm is named by its options, so new TAPOConfig options need no code here:
     grpo                         --algorithm grpo
     tapo                         --algorithm tapo (the embedded default's constructor, splice)
     tapo:constructor=self        the policy writes its own syntheses (the pre-training held its cold start)
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, StepClock, build_trainer, load_train_set, machine, make_config, set_threads, write_json
+from common import RESULTS, StepClock, machine, make_config, set_threads, write_json
 from transformers import TrainerCallback
 
 from tapo import arith
@@ -58,6 +58,7 @@ from tapo.arith_policy import PolicySettings, pretrain_stats, pretrained_policy
 from tapo.core.verify import extract_answer, is_correct
 from tapo.evaluation.generate import TransformersSampler, prompt_ids
 from tapo.evaluation.metrics import reflection_metrics
+from tapo.run import build_trainer, load_train_set
 from tapo.evaluation.reflection import analyze_reflection, marker_pattern
 
 # What every arm trains with, over the embedded default: K=8 rollouts of 4 queries per step, the RL temperature the
@@ -119,11 +120,6 @@ def job_id(arm: str, lr: float, seed: int) -> str:
 def parse_job_id(job: str) -> tuple[str, float, int]:
     arm, lr, seed = job.split("|")
     return arm, float(lr.removeprefix("lr=")), int(seed.removeprefix("seed="))
-
-
-def make_trainer(run, config, train_set, callbacks):
-    """The trainer of one arm, built as `tapo train` builds it (the one place to switch to a shared factory)."""
-    return build_trainer(run, config, train_set, callbacks=callbacks)
 
 
 class HeldOut:
@@ -203,9 +199,9 @@ def run_job(job: str, spec: dict, policy: str, held_out: list[dict], base: dict)
     settings = {**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"], "n_train": spec["n_train"],
                 "max_steps": spec["steps"], **arm_settings(arm), "learning_rate": lr, "seed": seed}
     run, config, _ = make_config(settings)
-    train_set = load_train_set(run, config)
+    train_set = load_train_set(run, config.seed)
     clock = StepClock()
-    trainer = make_trainer(run, config, train_set, callbacks=[clock])
+    trainer = build_trainer(run, config, train_set, callbacks=[clock])
     evaluate = HeldOut(held_out, trainer.processing_class, spec["k"], config.temperature, config.max_completion_length)
     curve = Curve(evaluate, spec["eval_every"], clock, {"step": 0, "train_s": 0.0, "tokens": 0, **base})
     trainer.add_callback(curve)

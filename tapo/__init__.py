@@ -4,10 +4,10 @@
 imported lazily so that `tapo.core` stays importable without loading TRL.
 """
 
-__version__ = "0.1.0"  # the only place the version is written: pyproject, `tapo --version` and model cards read it
-__all__ = ["TAPOConfig", "TAPOTrainer"]
+__all__ = ["TAPOConfig", "TAPOTrainer", "__version__"]
 
 from tapo.collision import collision_message, foreign_tapo
+from tapo.version import __version__
 
 _foreign = foreign_tapo(__path__)
 if _foreign is not None:
@@ -15,8 +15,12 @@ if _foreign is not None:
 
 
 def __getattr__(name):
-    if name in __all__:
-        from tapo import trainer
+    if name == "TAPOConfig":
+        from tapo.config import TAPOConfig
 
-        return getattr(trainer, name)
+        return TAPOConfig
+    if name == "TAPOTrainer":
+        from tapo.trainer import TAPOTrainer
+
+        return TAPOTrainer
     raise AttributeError(f"module 'tapo' has no attribute {name!r}")

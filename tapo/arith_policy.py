@@ -31,7 +31,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tapo import arith
-from tapo.core.synthesis import build_synthesis_prompt, splice_trajectory
+from tapo.core.synthesis import build_synthesis_prompt, write_rule_synthesis
 from tapo.core.verify import extract_answer
 from tapo.data import PROMPT_TEMPLATE
 from tapo.models import CACHE_FORMAT, cached_build, default_cache_dir
@@ -92,17 +92,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def rule_synthesis(problem: str, wrong: str, reference: str, gold: str) -> str | None:
-    """A synthesis answer written by rule: the splice's trajectory as the reconstruction, its located error as the
-    analysis. The testbed's default writer until the project's rule-based writer (issue 11) replaces it."""
-    trajectory = splice_trajectory(wrong, reference, gold)
-    if trajectory is None:
-        return None
-    from tapo.coldstart import synthesis_target
-
-    prefix, reflection, _ = trajectory.parts()
-    step = len(prefix.splitlines()) + 1  # the prefix holds the steps before the bad one
-    bad = reflection.strip().removeprefix("Wait, ").split(". ")[0]
-    return synthesis_target(f"The first critical error is in step {step}: {bad}.", trajectory.text)
+    """A synthesis answer written by rule (`tapo.core.synthesis.write_rule_synthesis`: the splice's trajectory as the
+    reconstruction, its located first error as the analysis). `problem` is unused: the writer reads the steps."""
+    return write_rule_synthesis(wrong, reference, gold)
 
 
 def _chat_ids(tokenizer, user: str, assistant: str) -> tuple[list[int], int]:

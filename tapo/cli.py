@@ -1,6 +1,7 @@
 """The `tapo` command: `tapo train`, `tapo eval`, `tapo coldstart`.
 
-`tapo train [--config FILE.yaml] [--key value ...]` takes every `RunArgs` and `TAPOConfig` (GRPOConfig) field. Values
+`tapo train [--config FILE.yaml] [--key value ...]` takes every `RunArgs` and `TAPOConfig` (GRPOConfig) field, and
+`OPSDConfig`'s with `--algorithm opsd`. Values
 are layered: the embedded CPU default < a resumed run's saved args < the YAML file < the command line. Unknown keys
 and wrong types are errors that name the key and the closest valid options; nothing is silently ignored.
 """
@@ -26,28 +27,32 @@ def _raise_config_error(message: str):
     raise ConfigError(f"{message}\nEvery option: tapo train --help")
 
 
-def _train_parser():
+def _train_parser(algorithm: str = "opsd"):
+    """The parser of `tapo train --algorithm ALGORITHM`; the default, OPSD's, knows every option of every algorithm."""
     from trl import TrlParser
 
-    from tapo.run import RunArgs
-    from tapo.trainer import TAPOConfig
+    from tapo.run import RunArgs, config_class
 
-    parser = TrlParser((RunArgs, TAPOConfig), prog="tapo train")
+    parser = TrlParser((RunArgs, config_class(algorithm)), prog="tapo train")
     parser.error = _raise_config_error
     return parser
 
 
-def _tapo_keys() -> list[str]:
-    """The options tapo adds to GRPOConfig (RunArgs and TAPOConfig's own fields): what an error message lists."""
+def _own_fields(cls, base=None) -> set[str]:
+    """The field names `cls` adds to the dataclass `base` (all of its fields without one)."""
     from dataclasses import fields
 
+    return {f.name for f in fields(cls)} - ({f.name for f in fields(base)} if base else set())
+
+
+def _tapo_keys() -> list[str]:
+    """The options tapo adds to GRPOConfig (RunArgs, TAPOConfig and OPSDConfig fields): what an error message lists."""
     from trl import GRPOConfig
 
+    from tapo.opsd import OPSDConfig
     from tapo.run import RunArgs
-    from tapo.trainer import TAPOConfig
 
-    grpo = {f.name for f in fields(GRPOConfig)}
-    return sorted({f.name for f in fields(RunArgs)} | {f.name for f in fields(TAPOConfig) if f.name not in grpo})
+    return sorted(_own_fields(RunArgs) | _own_fields(OPSDConfig, GRPOConfig))
 
 
 def _check_keys(keys, known: set[str], where: str) -> None:
@@ -117,45 +122,50 @@ def _yaml_value(value):
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def _pop_option(argv: list[str], name: str) -> str | None:
-    """Remove `--name VALUE` / `--name=VALUE` from argv and return VALUE."""
+def _find_option(argv: list[str], name: str) -> tuple[str | None, slice]:
+    """(VALUE, the slice of argv it takes) of the last `--name VALUE` / `--name=VALUE`, or (None, empty slice)."""
+    found = None, slice(0, 0)
     for i, tok in enumerate(argv):
         if tok == f"--{name}":
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"--{name} needs a value")
-            value = argv[i + 1]
-            del argv[i : i + 2]
-            return value
-        if tok.startswith(f"--{name}="):
-            del argv[i]
-            return tok.split("=", 1)[1]
-    return None
+            found = argv[i + 1], slice(i, i + 2)
+        elif tok.startswith(f"--{name}="):
+            found = tok.split("=", 1)[1], slice(i, i + 1)
+    return found
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    """Remove `--name VALUE` / `--name=VALUE` from argv and return VALUE."""
+    value, where = _find_option(argv, name)
+    del argv[where]
+    return value
 
 
 def parse_train_args(argv: list[str]):
-    """-> (RunArgs, TAPOConfig, explicit) where `explicit` holds the layered non-default settings (saved for resume).
+    """-> (RunArgs, the algorithm's config, explicit): TAPOConfig, or OPSDConfig for `--algorithm opsd`; `explicit` holds
+    the layered non-default settings (saved for resume).
 
     Layers, later wins: the embedded default < a resumed run's args.yaml < --config FILE < the command line. With
     --resume, the run folder must hold a complete checkpoint (checked here, before anything loads)."""
     import torch.distributed
     from accelerate.utils import broadcast_object_list
 
-    from tapo.run import EMBEDDED_DEFAULTS, find_checkpoint
+    from tapo.config import EMBEDDED_DEFAULTS
+    from tapo.opsd import OPSDConfig
+    from tapo.run import ALGORITHMS
+    from tapo.runfolder import ARGS_FILE, resume_point
 
     parser = _train_parser()
     argv = list(argv)
-    layered = _checked_values(EMBEDDED_DEFAULTS, parser, "tapo.run.EMBEDDED_DEFAULTS")
-    resume = None
-    for i, tok in enumerate(argv):
-        if tok == "--resume" and i + 1 < len(argv):
-            resume = argv[i + 1]
-        elif tok.startswith("--resume="):
-            resume = tok.split("=", 1)[1]
+    layered = _checked_values(EMBEDDED_DEFAULTS, parser, "tapo.config.EMBEDDED_DEFAULTS")
+    resume = _find_option(argv, "resume")[0]
     if resume is not None:
-        if find_checkpoint(resume) is None:
-            raise ConfigError(f"--resume {resume}: no complete checkpoint (a checkpoint-N folder with trainer_state.json)")
-        run_dir = _run_dir_of(Path(resume))
-        saved = run_dir / "args.yaml"
+        try:
+            run_dir = resume_point(resume)[0]
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from err
+        saved = run_dir / ARGS_FILE
         if saved.exists():
             layered.update(_checked_values(_load_yaml(saved), parser, str(saved)))
         layered["output_dir"] = str(run_dir)
@@ -167,16 +177,24 @@ def parse_train_args(argv: list[str]):
     cli_keys = [dest_of.get(k, k) for k in (tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--"))]
     _check_keys([k for k in cli_keys if k != "help"], {a.dest for a in parser._actions} - {"help"}, "the command line")
 
+    algorithm = _find_option(argv, "algorithm")[0] or layered.get("algorithm", "tapo")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm={algorithm!r}: choose {', '.join(ALGORITHMS[:-1])} or {ALGORITHMS[-1]}")
+    if algorithm != "opsd" and not {"-h", "--help"} & set(argv):  # --help shows every algorithm's options
+        from tapo.config import TAPOConfig
+
+        misplaced = sorted(_own_fields(OPSDConfig, TAPOConfig) & {*layered, *cli_keys})
+        if misplaced:
+            raise ConfigError(f"{', '.join(misplaced)}: OPSD option(s), they need --algorithm opsd (got {algorithm})")
+        parser = _train_parser(algorithm)
     parser.set_defaults_with_config(**layered)
     # The values as given, before the dataclasses post-process them (report_to "none" -> []), so they reload as given.
     given = vars(parser.parse_known_args(argv)[0])
     try:
         run, config = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # a dataclass rejected a value (TAPOConfig / GRPOConfig / TrainingArguments checks)
+    except ValueError as err:  # a dataclass rejected a value (TAPOConfig / OPSDConfig / GRPOConfig checks)
         raise ConfigError(str(err)) from err
     explicit = {k: _yaml_value(given[k]) for k in [*layered, *cli_keys] if k in given and k not in ("resume", "config")}
-    if run.algorithm not in ("tapo", "grpo", "opsd"):
-        raise ConfigError(f"algorithm={run.algorithm!r}: choose tapo, grpo or opsd")
     if run.algorithm != "tapo":
         config.tapo_enabled = False
     if "output_dir" not in explicit:
@@ -188,18 +206,14 @@ def parse_train_args(argv: list[str]):
     return run, config, explicit
 
 
-def _run_dir_of(path: Path) -> Path:
-    """--resume accepts the run folder or one of its checkpoint-N folders."""
-    return path.parent if path.name.startswith("checkpoint-") else path
-
-
 def train_main(argv: list[str]) -> int:
     """`tapo train`. Exit codes: 0 done; 2 bad options or data (one message, before any model loads); 1 a NaN/inf
     loss stopped training (the checkpoints saved so far are kept)."""
     from tapo.data import DataError
     from tapo.ranks import is_main_process
-    from tapo.run import find_checkpoint, load_train_set, train
-    from tapo.trainer import NonFiniteLossError
+    from tapo.run import load_train_set, train
+    from tapo.runfolder import find_checkpoint, write_args
+    from tapo.trainer_base import NonFiniteLossError
 
     try:
         run, config, explicit = parse_train_args(argv)
@@ -210,7 +224,7 @@ def train_main(argv: list[str]) -> int:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not run.resume and is_main_process():
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(explicit, sort_keys=True))
+        write_args(run_dir, explicit)
     try:
         out = train(run, config, dataset)
     except NonFiniteLossError as err:
@@ -227,16 +241,15 @@ def version_line() -> str:
     """`tapo --version`: this package's version and the libraries a bug report needs."""
     from importlib.metadata import version
 
-    import tapo
+    from tapo.version import __version__
 
-    return f"tapo-rl {tapo.__version__} ({', '.join(f'{lib} {version(lib)}' for lib in ('trl', 'transformers', 'torch'))})"
+    return f"tapo-rl {__version__} ({', '.join(f'{lib} {version(lib)}' for lib in ('trl', 'transformers', 'torch'))})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tapo
     from tapo.collision import collision_message, foreign_tapo
 
-    found = foreign_tapo(tapo.__path__)  # again here: the other package's __init__ may have replaced ours
+    found = foreign_tapo([str(Path(__file__).parent)])  # tapo.__path__; again here: the other package's __init__ may have replaced ours
     if found is not None:
         print(f"tapo: {collision_message(found)}", file=sys.stderr)
         return 2

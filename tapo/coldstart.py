@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,7 +39,8 @@ from tapo.core.synthesis import (
     parse_synthesis,
 )
 from tapo.core.verify import is_correct, math_reward
-from tapo.data import PROMPT_TEMPLATE, DataError
+from tapo.data import PROMPT_TEMPLATE, DataError, load_problems
+from tapo.models import DEFAULT_MODEL
 
 Generator = Callable[[list[str]], list[str]]
 
@@ -232,7 +234,14 @@ def make_generator(model: str, base_url: str | None, api_key_env: str, max_token
     return HFGenerator(model, max_tokens, temperature, batch_size)
 
 
+def _defaults(fn: Callable) -> dict:
+    """A function's keyword defaults: the CLI reads them off the signature, so the two cannot drift apart."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    build_defaults, data_defaults = _defaults(build_examples), _defaults(load_problems)
+    sft_defaults = _defaults(sft_trainer)
     parser = subparsers.add_parser("coldstart", help="build cold-start SFT data (synthesis format) and run the SFT",
                                    description="Cold start: `build` the SFT dataset, then `train` on it.")
     sub = parser.add_subparsers(dest="coldstart_command", required=True)
@@ -243,50 +252,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "model write syntheses, keep the verified ones; writes OUT/sft.jsonl and OUT/stats.json.")
     build.add_argument("--data", required=True, help="problems: a .jsonl/.parquet file, a reasoning-gym task or a hub set")
     build.add_argument("--out", required=True, help="output folder")
-    build.add_argument("--model", default="smollm2-135m", help="attempt writer: a model name/folder, or the endpoint's "
+    build.add_argument("--model", default=DEFAULT_MODEL, help="attempt writer: a model name/folder, or the endpoint's "
                        "model name with --base-url")
     build.add_argument("--base-url", help="OpenAI-compatible endpoint for --model, e.g. http://localhost:8000/v1")
     build.add_argument("--teacher-model", help="synthesis writer (default: the --model generator)")
     build.add_argument("--teacher-base-url", help="OpenAI-compatible endpoint for --teacher-model")
     build.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the endpoints' API key")
     build.add_argument("--n", type=int, help="number of problems (reasoning-gym: generated; files: a random subset)")
-    build.add_argument("--k", type=int, default=8, help="attempts per problem")
-    build.add_argument("--n-pos", type=int, default=1, help="pair only problems with at least this many right attempts")
-    build.add_argument("--n-neg", type=int, default=1, help="... and at least this many wrong ones")
-    build.add_argument("--m-max", type=int, default=4, help="syntheses per problem at most")
-    build.add_argument("--correct-per-problem", type=int, default=1, help="plain correct solutions kept per problem")
-    build.add_argument("--prefix-match", choices=("strict", "longest"), default="strict",
+    build.add_argument("--k", type=int, default=build_defaults["k"], help="attempts per problem")
+    build.add_argument("--n-pos", type=int, default=build_defaults["n_pos"],
+                       help="pair only problems with at least this many right attempts")
+    build.add_argument("--n-neg", type=int, default=build_defaults["n_neg"],
+                       help="... and at least this many wrong ones")
+    build.add_argument("--m-max", type=int, default=build_defaults["m_max"], help="syntheses per problem at most")
+    build.add_argument("--correct-per-problem", type=int, default=build_defaults["correct_per_problem"],
+                       help="plain correct solutions kept per problem")
+    build.add_argument("--prefix-match", choices=("strict", "longest"),
+                       default=build_defaults["prefix_match"],
                        help="assembly rule (tapo.core.synthesis.assemble_trajectory)")
     build.add_argument("--temperature", type=float, default=0.8)
     build.add_argument("--max-tokens", type=int, default=1024, help="generation budget of one attempt")
     build.add_argument("--synthesis-max-tokens", type=int, default=2048, help="generation budget of one synthesis")
     build.add_argument("--batch-size", type=int, default=8, help="local models: sequences per generate() call")
-    build.add_argument("--problem-field", default="problem")
-    build.add_argument("--answer-field", default="answer")
+    build.add_argument("--problem-field", default=data_defaults["problem_field"])
+    build.add_argument("--answer-field", default=data_defaults["answer_field"])
     build.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=build_defaults["seed"])
     build.set_defaults(func=build_command)
 
     train = sub.add_parser("train", formatter_class=defaults, help="SFT a model on a cold-start jsonl",
                            description="TRL SFTTrainer on a chat jsonl, loss on the assistant turn only.")
     train.add_argument("--data", required=True, help="chat jsonl, e.g. OUT/sft.jsonl of `tapo coldstart build`")
-    train.add_argument("--model", default="smollm2-135m", help="model name or folder to fine-tune")
+    train.add_argument("--model", default=DEFAULT_MODEL, help="model name or folder to fine-tune")
     train.add_argument("--out", required=True, help="folder for the fine-tuned model")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--lr", type=float, default=1e-5)
-    train.add_argument("--max-length", type=int, default=2048, help="tokens per example (longer ones are truncated)")
-    train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: run the epochs)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=float, default=sft_defaults["epochs"])
+    train.add_argument("--lr", type=float, default=sft_defaults["lr"])
+    train.add_argument("--max-length", type=int, default=sft_defaults["max_length"], help="tokens per example (longer ones are truncated)")
+    train.add_argument("--batch-size", type=int, default=sft_defaults["batch_size"])
+    train.add_argument("--grad-accum", type=int, default=sft_defaults["grad_accum"])
+    train.add_argument("--max-steps", type=int, default=sft_defaults["max_steps"], help="stop after this many steps (-1: run the epochs)")
+    train.add_argument("--seed", type=int, default=sft_defaults["seed"])
     train.set_defaults(func=train_command)
 
 
 def build_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
-
-    from tapo.data import load_problems
 
     console = Console()
     try:

@@ -68,7 +68,7 @@ def model_card(*, methods: list[str], args, base_model: str | None, base_model_t
                dataset_name: str | None = None) -> ModelCard:
     """The card for one saved model. `base_model`: a hub id (linked, and set in the card's metadata) or None;
     `base_model_text`: how the text names it; `method_paper`: the paper of the method when it is not TAPO."""
-    import tapo
+    from tapo.version import __version__
 
     settings = {"steps trained": f"{steps_done} of {args.max_steps}" if args.max_steps > 0 else steps_done,
                 **method_settings(methods, args)}
@@ -87,7 +87,7 @@ def model_card(*, methods: list[str], args, base_model: str | None, base_model_t
         settings=settings,
         method_paper=method_paper,
         tapo_paper=TAPO_PAPER,
-        tapo_version=tapo.__version__,
+        tapo_version=__version__,
         trl_version=version("trl"),
         transformers_version=version("transformers"),
         pytorch_version=version("torch"),

@@ -38,21 +38,56 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather, gather_object
+from accelerate.utils import gather
 from trl.trainer.utils import pad
 
-from tapo.trainer import OPSD_DIVERGENCES, OPSD_REFERENCES, TAPOTrainer, completion_text
+from tapo.config import TAPOConfig
+from tapo.trainer import TAPOTrainer
 
-DIVERGENCES = OPSD_DIVERGENCES
-REFERENCE_SOURCES = OPSD_REFERENCES
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REFERENCE_SOURCES = ("sibling", "solution", "answer")
 # opsd_reference -> the sources tried, in order: the chosen one and those after it.
 REFERENCE_ORDER = {source: REFERENCE_SOURCES[i:] for i, source in enumerate(REFERENCE_SOURCES)}
 TEACHER_TEMPLATE = "Here is a reference solution to the problem below:\n{reference}\n\nNow solve the problem yourself.\n\n{prompt}"
 ANSWER_REFERENCE = "The final answer is \\boxed{{{answer}}}."
+
+
+@dataclass
+class OPSDConfig(TAPOConfig):
+    """TAPOConfig plus the OPSD knobs (`tapo train --algorithm opsd`)."""
+
+    opsd_divergence: str = field(
+        default="reverse_kl",
+        metadata={"help": "OPSD per-token divergence: 'reverse_kl' KL(student||teacher), 'forward_kl' "
+                  "KL(teacher||student) or 'jsd' (beta-mixture, opsd_jsd_beta)."},
+    )
+    opsd_jsd_beta: float = field(default=0.5, metadata={"help": "OPSD jsd: teacher weight beta in (0, 1) of the mixture."})
+    opsd_weight: float = field(default=1.0, metadata={"help": "OPSD: L = L_GRPO + opsd_weight * L_OPSD."})
+    opsd_include_grpo: bool = field(
+        default=True, metadata={"help": "OPSD: False drops the GRPO term (pure self-distillation, L = opsd_weight * L_OPSD)."}
+    )
+    opsd_reference: str = field(
+        default="sibling",
+        metadata={"help": "OPSD teacher's privileged context, first choice: 'sibling' (a correct rollout of the same "
+                  "group), 'solution' (the dataset's gold solution) or 'answer' (the gold answer); falls back in "
+                  "that order."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.opsd_divergence not in DIVERGENCES:
+            raise ValueError(f"opsd_divergence={self.opsd_divergence!r}: choose one of {DIVERGENCES}")
+        if self.opsd_divergence == "jsd" and not 0.0 < self.opsd_jsd_beta < 1.0:
+            raise ValueError(f"opsd_jsd_beta={self.opsd_jsd_beta}: must lie strictly between 0 and 1")
+        if self.opsd_reference not in REFERENCE_SOURCES:
+            raise ValueError(f"opsd_reference={self.opsd_reference!r}: choose one of {REFERENCE_SOURCES}")
+        if not self.opsd_include_grpo and self.opsd_weight == 0:
+            raise ValueError("opsd_include_grpo=False with opsd_weight=0 leaves no loss")
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -135,7 +170,8 @@ class OPSDTrainer(TAPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        a = self.args  # option values are checked by TAPOConfig; only the combination with TAPO is checked here
+        a = self.args  # option values are checked by OPSDConfig; the combination with TAPO (which `tapo train
+        # --algorithm opsd` switches off after parsing) is checked here
         if not a.opsd_include_grpo and a.tapo_enabled:
             raise ValueError("opsd_include_grpo=False (pure distillation) cannot be combined with tapo_enabled=True")
 
@@ -149,24 +185,20 @@ class OPSDTrainer(TAPOTrainer):
 
     def _attach_teacher_prompts(self, output: dict) -> None:
         """`opsd_teacher_prompt_ids/_mask` (left-padded), `opsd_mask_rows` (row has a reference), `opsd_num_items`."""
-        a, device = self.args, self.accelerator.device
-        mode = "train" if self.model.training else "eval"
+        a, device, mode = self.args, self.accelerator.device, self._mode()
         k = self.num_generations if mode == "train" else self.num_generations_eval
-        inputs, prompts, completions, rewards_per_func = self._scored
-        n_local = len(prompts)
-        offset = self.accelerator.process_index * n_local
-        correct = (self._total_reward(rewards_per_func) >= a.correct_threshold).tolist()  # gathered: whole batch
-        texts = [completion_text(c) for c in completions]
-        all_texts = gather_object(texts) if self.accelerator.num_processes > 1 else texts
+        batch = self._scored_batch()
+        inputs, prompts, n_local = batch.inputs, batch.prompts, len(batch.prompts)
+        correct = batch.correct.tolist()  # gathered: whole batch
 
         sources, teacher_prompts = [], []
         for row in range(n_local):
-            global_row = offset + row
+            global_row = batch.offset + row
             start = global_row - global_row % k  # a group's K rollouts are consecutive (TRL's RepeatSampler)
             # TRL's micro-step counter differs at every generation and is restored on resume: reproducible draws.
             rng = random.Random(f"{a.seed}-opsd-{self._step}-{global_row}")
             source, reference = choose_reference(global_row - start, correct[start : start + k],
-                                                 all_texts[start : start + k], inputs[row].get("solution"),
+                                                 batch.all_texts[start : start + k], inputs[row].get("solution"),
                                                  inputs[row].get("answer"), REFERENCE_ORDER[a.opsd_reference], rng)
             sources.append(source)
             # A row without a reference keeps its own prompt as a placeholder; opsd_mask_rows masks it out.
@@ -197,8 +229,7 @@ class OPSDTrainer(TAPOTrainer):
     # Loss side
 
     def _compute_loss(self, model, inputs):
-        a = self.args
-        mode = "train" if self.model.training else "eval"
+        a, mode = self.args, self._mode()
         grpo_loss = super()._compute_loss(model, inputs) if a.opsd_include_grpo else None
         if a.opsd_weight == 0 or "opsd_mask_rows" not in inputs:
             return grpo_loss
@@ -220,10 +251,9 @@ class OPSDTrainer(TAPOTrainer):
                                               completion_ids, completion_mask)
         per_token = token_divergence(student, teacher, mask, self.args.opsd_divergence, self.args.opsd_jsd_beta)
 
-        mode = "train" if self.model.training else "eval"
         total, count = gather(torch.stack([per_token.sum().detach(), mask.sum().float()])).view(-1, 2).sum(0).tolist()
-        self._metrics[mode]["opsd/divergence"].append(total / count if count else float("nan"))
-        return per_token.sum() / self._opsd_normalizer(inputs)
+        self._metrics[self._mode()]["opsd/divergence"].append(total / count if count else float("nan"))
+        return per_token.sum() / self._accumulation_normalizer(inputs["opsd_num_items"])
 
     def _completion_logits(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
         """(B, C, V) temperature-scaled logits predicting each completion token, in float32.
@@ -236,10 +266,3 @@ class OPSDTrainer(TAPOTrainer):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                            logits_to_keep=completion_ids.shape[1] + 1).logits
         return logits[:, :-1].float() / self.temperature
-
-    def _opsd_normalizer(self, inputs) -> torch.Tensor:
-        """Global token count of the generation batch, rescaled to one accumulation window (as TRL's 'dapo')."""
-        normalizer = inputs["opsd_num_items"].float().clamp(min=1.0) / self.accelerator.num_processes
-        if self.model.training:
-            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return normalizer

@@ -10,20 +10,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tapo.runfolder import read_metrics  # noqa: E402
+
 # (panel title, [(metric key, legend label), ...])
 PANELS = [
     ("reward / accuracy", [("reward", "reward"), ("tapo/accuracy", "accuracy")]),
     ("constructions", [("tapo/eligible_frac", "eligible queries"), ("tapo/parse_rate", "parsed"),
                        ("tapo/accept_rate", "accepted")]),
     ("loss", [("tapo/loss_grpo", "L_GRPO"), ("tapo/loss_ref", "L_ref"), ("loss", "total")]),
-    ("OTS weights", [("tapo/ots_weight_mean", "mean"), ("tapo/ots_weight_min", "min"), ("tapo/ots_weight_max", "max")]),
+    ("OOD token suppression weights", [("tapo/ots_weight_mean", "mean"), ("tapo/ots_weight_min", "min"), ("tapo/ots_weight_max", "max")]),
 ]
 
 
 def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
     """One figure, four panels; a metric absent from the run (e.g. TAPO stats of a GRPO run) is simply not drawn."""
-    from tapo.run import read_metrics
-
     rows = read_metrics(Path(metrics_path))
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for ax, (title, series) in zip(axes, PANELS):

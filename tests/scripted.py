@@ -8,9 +8,10 @@ returns a well-formed synthesis (copy up to the error, reflect, fix).
 import types
 
 # The constructed-row columns TAPOTrainer adds to TRL's batch, by role: the one place that spells their names.
-COLUMNS = {"ids": "ref_completion_ids", "mask": "ref_completion_mask", "advantages": "ref_advantages",
-           "rows": "ref_mask_rows", "num_items": "ref_num_items", "num_seqs": "ref_num_seqs",
-           "old_logps": "ref_old_per_token_logps", "ref_logps": "ref_ref_per_token_logps"}
+COLUMNS = {"ids": "constructed_completion_ids", "mask": "constructed_completion_mask",
+           "advantages": "constructed_advantages", "rows": "constructed_rows", "num_items": "constructed_num_items",
+           "num_seqs": "constructed_num_seqs", "old_logps": "constructed_old_per_token_logps",
+           "ref_logps": "constructed_ref_per_token_logps"}
 
 PROBLEMS = {  # problem -> (gold, right rollout, wrong rollout)
     "23 + 45 - 12": ("56", "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}",

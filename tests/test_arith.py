@@ -5,7 +5,7 @@ import random
 import pytest
 
 from tapo import arith
-from tapo.core.synthesis import splice_trajectory
+from tapo.core.splice import splice_trajectory
 from tapo.data import DataError, load_problems
 
 CHAIN = arith.Chain(terms=(12, 7, 3, 5), ops=("+", "*", "-"))

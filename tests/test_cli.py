@@ -144,6 +144,9 @@ CONFIG_ERRORS = [
     ("rejected value", None, ["--constructor", "oracle"], ["constructor='oracle': choose one of"]),
     ("K=1", None, ["--num_generations", "1"], ["GRPO requires at least 2 generations per prompt"]),
     ("opsd option", None, ["--algorithm", "opsd", "--opsd_divergence", "kl"], ["opsd_divergence='kl': choose one of"]),
+    ("opsd option without opsd", "opsd_weight: 0.5\n", ["--algorithm", "grpo"],
+     ["opsd_weight: OPSD option(s), they need --algorithm opsd (got grpo)"]),
+    ("unknown algorithm", None, ["--algorithm", "ppo"], ["algorithm='ppo': choose tapo, grpo or opsd"]),
 ]
 
 

@@ -99,5 +99,5 @@ def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):
     trainer._teacher = lambda messages: asked.extend(messages) or [synthesis_for(m) for m in messages]
     out = generation_batch(trainer)
     assert len(asked) == 4 and all("<analysis>" in m for m in asked)
-    assert int(out["ref_mask_rows"].sum()) == 4
+    assert int(out["constructed_rows"].sum()) == 4
     assert trainer._metrics["train"]["tapo/constructions_accepted"] == [4.0]

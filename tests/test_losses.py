@@ -9,6 +9,7 @@ from tapo.core.losses import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
     clipped_pg_loss,
+    generation_batch_count,
     get_loss_aggregation,
     register_loss_aggregation,
     tapo_total_loss,
@@ -259,3 +260,12 @@ def test_matches_trl_compute_loss(loss_type, beta, delta, advantages):
         assert stats[ours].item() == pytest.approx(trl_metrics[f"clip_ratio/{trl_key}_mean"][0])
     if beta:
         assert stats["kl"].item() == pytest.approx(trl_metrics["kl"][0])
+
+
+def test_generation_batch_count_per_aggregation():
+    tokens, seqs = torch.tensor(30), torch.tensor(4)  # 4 sequences holding 30 masked tokens, padded to length 16
+    assert generation_batch_count("token_mean", tokens, seqs, 16) == 30
+    assert generation_batch_count("seq_mean_token_mean", tokens, seqs, 16) == 4
+    assert generation_batch_count("dr_grpo", tokens, seqs, 16) == 64
+    with pytest.raises(ValueError, match="no count for loss aggregation 'seq_sum'"):
+        generation_batch_count("seq_sum", tokens, seqs, 16)

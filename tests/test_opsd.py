@@ -10,8 +10,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tapo.core.verify import math_reward
-from tapo.opsd import OPSDTrainer, choose_reference, teacher_prompt, token_divergence
-from tapo.trainer import TAPOConfig, TAPOTrainer
+from tapo.opsd import OPSDConfig, OPSDTrainer, choose_reference, teacher_prompt, token_divergence
+from tapo.trainer import TAPOTrainer
 
 from scripted import K, PROBLEMS, generation_batch, script_generation
 
@@ -131,7 +131,7 @@ def make_trainer(tiny_model_dir, tmp_path, cls=OPSDTrainer, solutions=False, **o
     rows = [{"prompt": [{"role": "user", "content": f"Compute {p}."}], "answer": gold}
             | ({"solution": f"GOLD-SOLUTION {right}"} if solutions else {})
             for p, (gold, right, _) in PROBLEMS.items()]
-    trainer = cls(model=model, reward_funcs=[math_reward], args=TAPOConfig(**kwargs), train_dataset=Dataset.from_list(rows),
+    trainer = cls(model=model, reward_funcs=[math_reward], args=OPSDConfig(**kwargs), train_dataset=Dataset.from_list(rows),
                   processing_class=tokenizer)
     script_generation(trainer, n_right=1)  # one correct rollout per group
     return trainer

@@ -25,7 +25,7 @@ BUILD_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "tapo"]
 def test_version_is_the_same_in_package_cli_pyproject_and_changelog(capsys):
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "version" in pyproject["project"]["dynamic"]
-    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tapo.__version__"}
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tapo.version.__version__"}
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith(f"tapo-rl {tapo.__version__} (trl ")
     releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", (REPO / "CHANGELOG.md").read_text(), flags=re.M)

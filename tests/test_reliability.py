@@ -26,8 +26,9 @@ from trl.trainer.utils import RepeatSampler
 
 from tapo.cli import main
 from tapo.core.verify import math_reward
-from tapo.run import find_checkpoint, read_metrics
-from tapo.trainer import TAPO_STATE_NAME, NonFiniteLossError, ResumableRepeatSampler, TAPOConfig, TAPOTrainer
+from tapo.runfolder import TAPO_STATE_FILE, find_checkpoint, read_metrics
+from tapo.trainer import NonFiniteLossError, TAPOConfig, TAPOTrainer
+from tapo.trainer_base import ResumableRepeatSampler
 
 from checkout import checkout_env
 
@@ -175,7 +176,7 @@ def test_checkpoints_are_atomic_and_carry_the_tapo_state(tiny_model_dir, tmp_pat
     trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
     trainer.train()
     for step in (1, 2):
-        state = json.loads((tmp_path / f"checkpoint-{step}" / TAPO_STATE_NAME).read_text())
+        state = json.loads((tmp_path / f"checkpoint-{step}" / TAPO_STATE_FILE).read_text())
         assert state == {"generation_round": step, "step": step}  # one generation per optimizer step here
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -199,7 +200,7 @@ def test_checkpoints_are_atomic_and_carry_the_tapo_state(tiny_model_dir, tmp_pat
     monkeypatch.undo()
     trainer._save_checkpoint(trainer.model, None)
     assert (tmp_path / "checkpoint-3" / "optimizer.pt").exists() and not list(tmp_path.glob(".tmp-*"))
-    assert json.loads((tmp_path / "checkpoint-3" / TAPO_STATE_NAME).read_text())["generation_round"] == 3
+    assert json.loads((tmp_path / "checkpoint-3" / TAPO_STATE_FILE).read_text())["generation_round"] == 3
 
 
 def test_resume_never_picks_a_half_written_checkpoint(tmp_path):

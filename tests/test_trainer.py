@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from tapo.core.tokens import CORRECTION, PREFIX, REFLECTION
+from tapo.core.tokens import CORRECTION, PREFIX, REFLECTION, label_tokens
 from tapo.core.verify import math_reward
 from tapo.trainer import TAPOConfig, TAPOTrainer
 
@@ -44,12 +44,20 @@ def make_trainer(tiny_model_dir, tmp_path, cls=TAPOTrainer, **overrides):
 
 
 @pytest.mark.parametrize("constructor", ["splice", "self"])
-def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tmp_path, constructor):
+def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tmp_path, constructor, monkeypatch):
+    labelled = []  # (ids, span labels) of every construction the trainer tokenizes
+
+    def recording_label_tokens(*args, **kwargs):
+        ids, labels = label_tokens(*args, **kwargs)
+        labelled.append((ids, labels))
+        return ids, labels
+
+    monkeypatch.setattr("tapo.trainer.label_tokens", recording_label_tokens)
     trainer = make_trainer(tiny_model_dir, tmp_path, constructor=constructor)
     out = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in generation_batch(trainer).items()}
 
     # Each problem has 2 wrong rollouts and m_max=2: both are repaired, on their own rows.
-    rows = out["ref_mask_rows"].nonzero().flatten().tolist()
+    rows = out["constructed_rows"].nonzero().flatten().tolist()
     assert len(rows) == 4
     metrics = trainer._metrics["train"]
     assert metrics["tapo/eligible_frac"] == [1.0]
@@ -63,26 +71,27 @@ def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tm
     signs = torch.tensor([1.0 if "boxed{56}" in c or "boxed{24}" in c else -1.0 for c in completions])
     torch.testing.assert_close(out["advantages"], signs * expected.abs(), atol=1e-5, rtol=0)
     # Constructions (reward 1) are scored against the original group's mean/std (ref_baseline="orig").
-    torch.testing.assert_close(out["ref_advantages"][rows], torch.full((4,), 0.5 / (0.57735027 + 1e-4)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["constructed_advantages"][rows], torch.full((4,), 0.5 / (0.57735027 + 1e-4)), atol=1e-5, rtol=0)
     # Only wrong rollouts are repaired.
     assert all(signs[r] < 0 for r in rows)
 
     # Span labels: prefix tokens spell the start of the wrong rollout, the reflection follows, the answer is right.
     for r in rows:
-        ids, labels = out["ref_completion_ids"][r], out["ref_labels"][r]
+        n = int(out["constructed_completion_mask"][r].sum())
+        ids = out["constructed_completion_ids"][r][:n]
+        labels = torch.tensor(next(lab for i, lab in labelled if i == ids.tolist()))
         part = {lab: trainer._tokenizer.decode(ids[labels == lab]) for lab in (PREFIX, REFLECTION, CORRECTION)}
         wrong = completions[r]
         assert wrong.startswith(part[PREFIX].rstrip()) or part[PREFIX] == ""
         assert "wrong" in part[REFLECTION].lower()
         assert "\\boxed{56}" in part[CORRECTION] or "\\boxed{24}" in part[CORRECTION]
-        n = int(out["ref_completion_mask"][r].sum())
-        assert (labels[:n] >= 0).all() and (labels[n:] == -1).all()
+        assert (labels >= 0).all()
 
 
 def test_original_advantages_equal_plain_grpo_on_the_same_batch(tiny_model_dir, tmp_path):
     tapo = generation_batch(make_trainer(tiny_model_dir, tmp_path / "a"))
     grpo = generation_batch(make_trainer(tiny_model_dir, tmp_path / "b", tapo_enabled=False))
-    assert "ref_mask_rows" not in grpo
+    assert "constructed_rows" not in grpo
     torch.testing.assert_close(tapo["advantages"], grpo["advantages"])
     torch.testing.assert_close(tapo["completion_ids"], grpo["completion_ids"])
 
@@ -108,6 +117,15 @@ def test_tapo_loss_is_grpo_plus_weighted_ref_loss(tiny_model_dir, tmp_path):
     with torch.no_grad():
         trainer.compute_loss(trainer.model, out)
     assert metrics["tapo/loss_ref"][-1] != pytest.approx(ref)
+
+    # dr_grpo divides the same token sum by sequences * ref_max_length instead of by tokens.
+    token_mean = metrics["tapo/loss_ref"][-1]
+    trainer.args.ref_loss_aggregation = "dr_grpo"
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, out)
+    tokens, seqs = out["constructed_num_items"].item(), out["constructed_num_seqs"].item()
+    assert metrics["tapo/loss_ref"][-1] == pytest.approx(token_mean * tokens / (seqs * trainer.args.ref_max_length),
+                                                         rel=1e-5)
 
 
 def test_tapo_off_loss_equals_trl_grpo_loss(tiny_model_dir, tmp_path):

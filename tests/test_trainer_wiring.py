@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
 from tapo.core.verify import math_reward
-from tapo.trainer import TAPO_STATE_NAME, TAPOConfig, TAPOTrainer
+from tapo.runfolder import TAPO_STATE_FILE
+from tapo.trainer import TAPOConfig, TAPOTrainer
 
 from scripted import COLUMNS, K, PROBLEMS, generation_batch, script_generation, synthesis_for
 
@@ -290,7 +291,7 @@ def test_resume_restores_the_tapo_counters_into_a_new_trainer(tiny_model_dir, tm
     first = make_trainer(tiny_model_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
     first.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert json.loads((checkpoint / TAPO_STATE_NAME).read_text()) == {"generation_round": 2, "step": 2}
+    assert json.loads((checkpoint / TAPO_STATE_FILE).read_text()) == {"generation_round": 2, "step": 2}
 
     # A new trainer (new process in real life): counters start at 0 and come back only from the checkpoint.
     resumed = make_trainer(tiny_model_dir, tmp_path, max_steps=3, save_strategy="no")

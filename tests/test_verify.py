@@ -1,4 +1,6 @@
-"""Tests for tapo.core.verify. Expected verdicts follow math-verify 0.9's documented grader rules (grader.py)."""
+"""Tests for tapo.core.verify and its worker pool, tapo.verifier_pool.
+
+Expected verdicts follow math-verify 0.9's documented grader rules (grader.py)."""
 
 import math
 import os
@@ -10,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tapo import verifier_pool
 from tapo.core import verify
-from tapo.core.verify import extract_answer, is_correct, math_reward, shutdown
+from tapo.core.verify import extract_answer, is_correct, math_reward
+from tapo.verifier_pool import shutdown
 
 NESTED_FRAC_20 = "\\frac{1}{" * 20 + "2" + "}" * 20  # short, but sympy spends minutes on it
 MB = 1_000_000
@@ -170,7 +174,7 @@ def test_int_gold_is_used_as_its_string():
 
 def test_fast_path_skips_workers_only_for_identical_strings(monkeypatch):
     calls = []
-    monkeypatch.setattr(verify, "_check_in_worker", lambda *args: calls.append(args) or False)
+    monkeypatch.setattr(verify, "check_in_worker", lambda *args: calls.append(args) or False)
     assert is_correct("The answer is $\\boxed{ \\dfrac{1}{2} }$.", "\\frac{1}{2}") is True
     assert is_correct("\\boxed{42}", "$42$") is True
     assert calls == []
@@ -236,7 +240,7 @@ def test_thread_safe_with_eight_threads():
 def test_shutdown_stops_workers_and_the_pool_restarts():
     assert is_correct("\\boxed{0.25}", "1/4") is True
     shutdown()
-    assert not verify._live_workers and not verify._idle_workers
+    assert not verifier_pool._live_workers and not verifier_pool._idle_workers
     assert is_correct("\\boxed{0.25}", "1/4") is True
 
 
@@ -244,18 +248,18 @@ def test_workers_run_under_the_memory_limit():
     """A worker's address space is capped at WORKER_MEMORY_BYTES (read back from the kernel, so removing the
     setrlimit call, or raising the cap, fails here)."""
     assert is_correct("\\boxed{0.25}", "1/4") is True  # at least one worker is alive
-    for worker in list(verify._live_workers):
+    for worker in list(verifier_pool._live_workers):
         limits = open(f"/proc/{worker.process.pid}/limits").read()
         soft, hard = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max address space"))
-        assert int(soft) == int(hard) == verify.WORKER_MEMORY_BYTES
+        assert int(soft) == int(hard) == verifier_pool.WORKER_MEMORY_BYTES
 
 
 def test_forked_child_starts_its_own_workers():
     assert is_correct("\\boxed{1/4}", "0.25") is True
-    parent_pids = {worker.process.pid for worker in verify._live_workers}
+    parent_pids = {worker.process.pid for worker in verifier_pool._live_workers}
     pid = os.fork()
     if pid == 0:  # child: must not talk to the parent's workers through inherited pipes
-        ok = is_correct("\\boxed{1/4}", "0.25") and not parent_pids & {w.process.pid for w in verify._live_workers}
+        ok = is_correct("\\boxed{1/4}", "0.25") and not parent_pids & {w.process.pid for w in verifier_pool._live_workers}
         shutdown()
         os._exit(0 if ok else 1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
@@ -289,7 +293,7 @@ def test_math_reward_rejects_mismatched_lengths():
 def test_math_reward_checks_concurrently(monkeypatch):
     # Every worker-bound check waits at a 4-party barrier: the batch only finishes if 4 checks run at once.
     barrier = threading.Barrier(4, timeout=10)
-    monkeypatch.setattr(verify, "_N_WORKERS", 4)
-    monkeypatch.setattr(verify, "_check_in_worker", lambda *args: barrier.wait() >= 0)
+    monkeypatch.setattr(verify, "N_WORKERS", 4)
+    monkeypatch.setattr(verify, "check_in_worker", lambda *args: barrier.wait() >= 0)
     rewards = math_reward(prompts=None, completions=["\\boxed{1/2}"] * 8, answer=["0.5"] * 8)
     assert rewards == [1.0] * 8

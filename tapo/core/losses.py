@@ -75,6 +75,20 @@ def aggregate_loss(
     return get_loss_aggregation(mode)(per_token_loss, mask.to(per_token_loss.dtype), normalizer, max_len)
 
 
+def generation_batch_count(mode: str, num_tokens: Tensor, num_seqs: Tensor, max_len: int) -> Tensor:
+    """What aggregation `mode` divides by over a whole generation batch: its masked tokens (token_mean), its sequences
+    (seq_mean_token_mean) or sequences * max_len (dr_grpo). A trainer that splits the batch into micro-batches passes
+    this count (rescaled to its accumulation window) as `normalizer`, so that the micro-batch losses add up to the
+    batch's, however the rows fall (TRL's "dapo" normalization, for every aggregation)."""
+    if mode == "token_mean":
+        return num_tokens
+    if mode == "seq_mean_token_mean":
+        return num_seqs
+    if mode == "dr_grpo":
+        return num_seqs * max_len
+    raise ValueError(f"generation_batch_count: no count for loss aggregation {mode!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 

