@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import RepeatSampler, pad
 
-from tapo.construct import CONSTRUCTORS, ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
+from tapo.construct import CONSTRUCTORS, ConstructionError, ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
 from tapo.core.advantages import decoupled_advantages
 from tapo.core.losses import clipped_pg_loss
 from tapo.core.selection import select_candidates
@@ -238,17 +238,23 @@ class TAPOTrainer(GRPOTrainer):
                                                         None if gold is None else str(gold))
 
         rows = sorted(requests)
-        built = construct([requests[r] for r in rows], a.constructor, self._synthesis_generator())
         trajectories = {}
         too_long = 0
-        for row, c in zip(rows, built, strict=True):
-            if c.trajectory is None:
-                continue
-            ids, labels = label_tokens(self._tokenizer, c.trajectory, add_eos=True)
-            if len(ids) > a.ref_max_length:
-                too_long += 1
-                continue
-            trajectories[row] = (c.trajectory, ids, labels)
+        try:
+            built = construct([requests[r] for r in rows], a.constructor, self._synthesis_generator())
+            for row, c in zip(rows, built, strict=True):
+                if c.trajectory is None:
+                    continue
+                ids, labels = label_tokens(self._tokenizer, c.trajectory, add_eos=True)
+                if len(ids) > a.ref_max_length:
+                    too_long += 1
+                    continue
+                trajectories[row] = (c.trajectory, ids, labels)
+        except ConstructionError:
+            raise  # already agreed on by every rank (inside the self generator)
+        except Exception as err:
+            self._construction_checkpoint(error=err)  # raises ConstructionError on every rank
+        self._construction_checkpoint()
 
         has_local = torch.zeros(n_local, dtype=torch.bool, device=device)
         has_local[list(trajectories)] = True
@@ -334,8 +340,8 @@ class TAPOTrainer(GRPOTrainer):
         Every rank calls the backend the same number of times with the same count of prompts (padded with a copy),
         because ZeRO-3 parameter gathering and vLLM server mode are collective.
         """
-        n_max = max(gather_object([len(messages)])) if self.accelerator.num_processes > 1 else len(messages)
-        if n_max == 0:
+        n_max = self._construction_checkpoint(len(messages))
+        if n_max == 0:  # no rank has a synthesis to write: all ranks skip generation together
             return []
         padded = messages + [messages[0] if messages else "."] * (n_max - len(messages))
         prompt_ids = [
@@ -348,6 +354,28 @@ class TAPOTrainer(GRPOTrainer):
             completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, num_generations=1)
         texts = self._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return texts[: len(messages)]
+
+    def _construction_checkpoint(self, n: int = 0, error: Exception | None = None) -> int:
+        """A point where all ranks agree during construction: returns the largest `n` over the ranks, or raises the
+        same ConstructionError on every rank when any rank reports an error.
+
+        Raising a construction error on every rank (rather than skipping that construction) keeps a broken generator
+        or synthesis step loud, and no rank is left waiting in a collective. It works because the construction step
+        has exactly these checkpoints and every checkpoint is this same call: at the entry of the self generator
+        (`n` = synthesis count) and after construction. A rank that fails before the first one (prompt building)
+        meets the others at their first one. A failure inside a collective generation backend (ZeRO-3, vLLM server
+        mode) cannot be caught this way: there the launcher's timeout is the only guard.
+        """
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        if self.accelerator.num_processes == 1:
+            status = [(n, message)]
+        else:
+            status = gather_object([(n, message)])
+        failed = [f"rank {rank}: {msg}" for rank, (_, msg) in enumerate(status) if msg is not None]
+        if failed:
+            raise ConstructionError(f"constructor={self.args.constructor!r} failed on {len(failed)} of {len(status)} "
+                                    f"processes ({'; '.join(failed)}); raised on every process") from error
+        return max(count for count, _ in status)
 
     @contextlib.contextmanager
     def _generation_budget(self, max_tokens: int):
