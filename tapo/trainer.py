@@ -417,14 +417,19 @@ class TAPOTrainer(GRPOTrainer):
         metrics["tapo/constructions_too_long"].append(too_long)
         metrics["tapo/parse_rate"].append(parsed / attempted if attempted else float("nan"))
         metrics["tapo/accept_rate"].append(accepted / attempted if attempted else float("nan"))
+        # Means over the accepted constructions of all ranks: per-rank sums and counts, gathered like the counts above.
         kept = [trajectories[r] for r in rows if r in trajectories and accepted_local[r]]
-        if kept:
-            metrics["tapo/prefix_fraction"].append(sum(t.prefix_fraction for t, _, _ in kept) / len(kept))
-            metrics["tapo/reflection_tokens"].append(
-                sum(sum(1 for lab in labels if lab == 1) for _, _, labels in kept) / len(kept))
-            fractions = [span_fractions(labels) for _, _, labels in kept]
-            for name in fractions[0]:
-                metrics[f"tapo/span_{name}_frac"].append(sum(f[name] for f in fractions) / len(fractions))
+        span_names = list(span_fractions([]))
+        sums = torch.zeros(3 + len(span_names), dtype=torch.float64, device=self.accelerator.device)
+        for t, _, labels in kept:
+            sums += torch.tensor([1.0, t.prefix_fraction, sum(1 for lab in labels if lab == 1),
+                                  *span_fractions(labels).values()], dtype=torch.float64, device=sums.device)
+        n_kept, prefix, reflection, *spans = gather(sums).view(-1, sums.numel()).sum(0).tolist()
+        if n_kept:
+            metrics["tapo/prefix_fraction"].append(prefix / n_kept)
+            metrics["tapo/reflection_tokens"].append(reflection / n_kept)
+            for name, total in zip(span_names, spans, strict=True):
+                metrics[f"tapo/span_{name}_frac"].append(total / n_kept)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss side
@@ -435,10 +440,11 @@ class TAPOTrainer(GRPOTrainer):
             return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
         ref_loss = self._ref_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["tapo/loss_grpo"].append(grpo_loss.item())
+        # Means over ranks, as TRL logs its own losses (rank 0's L_ref alone is its share of the global normalizer).
+        self._metrics[mode]["tapo/loss_grpo"].append(gather(grpo_loss.detach().reshape(1)).mean().item())
         if ref_loss is None:
             return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
-        self._metrics[mode]["tapo/loss_ref"].append(ref_loss.item())
+        self._metrics[mode]["tapo/loss_ref"].append(gather(ref_loss.detach().reshape(1)).mean().item())
         return self._checked_finite(grpo_loss + self.args.ref_loss_weight * ref_loss, inputs, L_GRPO=grpo_loss,
                                     L_ref=ref_loss)
 
