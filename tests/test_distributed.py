@@ -60,7 +60,7 @@ def make(tiny_model_dir, work_dir, world, constructor, n_right=N_RIGHT, **overri
 
     if constructor == "teacher":
         overrides.update(teacher_model="teacher-model", teacher_base_url=os.environ[TEACHER_URL_ENV])
-    trainer = make_trainer(tiny_model_dir, Path(work_dir), constructor=constructor, shuffle_dataset=False,
+    trainer = make_trainer(tiny_model_dir, Path(work_dir), constructor=constructor, shuffle_dataset=False, use_cpu=True,
                            per_device_train_batch_size=2 * K // world, ddp_timeout=COLLECTIVE_TIMEOUT_S, **overrides)
     script_generation(trainer, n_right=n_right)
     return trainer
