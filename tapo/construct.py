@@ -27,6 +27,10 @@ CONSTRUCTORS = ("self", "splice", "teacher")
 Generator = Callable[[list[str]], list[str]]
 
 
+class ConstructionError(RuntimeError):
+    """A construction step raised on some rank; raised on every rank alike, so that none waits in a collective."""
+
+
 @dataclass(frozen=True)
 class ConstructionRequest:
     """One DCS pair: an incorrect rollout to repair, with a correct sibling as the reference."""
@@ -47,7 +51,8 @@ class Construction:
 
 
 def construct(requests: Sequence[ConstructionRequest], constructor: str, generate: Generator | None = None) -> list[Construction]:
-    """Build one construction per request. Generation (if any) is one batched call, so the backend can batch it."""
+    """Build one construction per request. Generation (if any) is one batched call, so the backend can batch it; it is
+    made even with no requests, because the trainer's "self" generator is a collective every rank enters each round."""
     if constructor not in CONSTRUCTORS:
         raise ValueError(f"unknown constructor {constructor!r}; choose one of {CONSTRUCTORS}")
     if constructor == "splice":
@@ -58,8 +63,6 @@ def construct(requests: Sequence[ConstructionRequest], constructor: str, generat
         return out
     if generate is None:
         raise ValueError(f"constructor {constructor!r} needs a generation function")
-    if not requests:
-        return []
     texts = generate([build_synthesis_prompt(r.problem, r.wrong, r.reference) for r in requests])
     out = []
     for r, text in zip(requests, texts, strict=True):

@@ -37,7 +37,7 @@ from accelerate.utils import gather, gather_object
 from trl.trainer.utils import pad
 
 from tapo.config import TAPOConfig
-from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
+from tapo.construct import ConstructionError, ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
 from tapo.core.advantages import decoupled_advantages
 from tapo.core.losses import clipped_pg_loss, generation_batch_count, tapo_total_loss
 from tapo.core.selection import select_candidates
@@ -114,17 +114,23 @@ class TAPOTrainer(TrainerBase):
                                                         None if gold is None else str(gold))
 
         rows = sorted(requests)
-        built = construct([requests[r] for r in rows], a.constructor, self._synthesis_generator())
         trajectories: dict[int, TokenizedTrajectory] = {}  # local row -> its construction, when one was assembled
         too_long = 0
-        for row, c in zip(rows, built, strict=True):
-            if c.trajectory is None:
-                continue
-            ids, labels = label_tokens(self._tokenizer, c.trajectory, add_eos=True)
-            if len(ids) > a.ref_max_length:
-                too_long += 1
-                continue
-            trajectories[row] = TokenizedTrajectory(c.trajectory, ids, labels)
+        try:
+            built = construct([requests[r] for r in rows], a.constructor, self._synthesis_generator())
+            for row, c in zip(rows, built, strict=True):
+                if c.trajectory is None:
+                    continue
+                ids, labels = label_tokens(self._tokenizer, c.trajectory, add_eos=True)
+                if len(ids) > a.ref_max_length:
+                    too_long += 1
+                    continue
+                trajectories[row] = TokenizedTrajectory(c.trajectory, ids, labels)
+        except ConstructionError:
+            raise  # already agreed on by every rank (inside the self generator)
+        except Exception as err:
+            self._construction_checkpoint(error=err)  # raises ConstructionError on every rank
+        self._construction_checkpoint()
 
         has_local = torch.zeros(n_local, dtype=torch.bool, device=device)
         has_local[list(trajectories)] = True
@@ -205,8 +211,8 @@ class TAPOTrainer(TrainerBase):
         Every rank calls the backend the same number of times with the same count of prompts (padded with a copy),
         because ZeRO-3 parameter gathering and vLLM server mode are collective.
         """
-        n_max = max(gather_object([len(messages)])) if self.accelerator.num_processes > 1 else len(messages)
-        if n_max == 0:
+        n_max = self._construction_checkpoint(len(messages))
+        if n_max == 0:  # no rank has a synthesis to write: all ranks skip generation together
             return []
         padded = messages + [messages[0] if messages else "."] * (n_max - len(messages))
         prompt_ids = [
@@ -219,6 +225,28 @@ class TAPOTrainer(TrainerBase):
             completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, num_generations=1)
         texts = self._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return texts[: len(messages)]
+
+    def _construction_checkpoint(self, n: int = 0, error: Exception | None = None) -> int:
+        """A point where all ranks agree during construction: returns the largest `n` over the ranks, or raises the
+        same ConstructionError on every rank when any rank reports an error.
+
+        Raising a construction error on every rank (rather than skipping that construction) keeps a broken generator
+        or synthesis step loud, and no rank is left waiting in a collective. It works because the construction step
+        has exactly these checkpoints and every checkpoint is this same call: at the entry of the self generator
+        (`n` = synthesis count) and after construction. A rank that fails before the first one (prompt building)
+        meets the others at their first one. A failure inside a collective generation backend (ZeRO-3, vLLM server
+        mode) cannot be caught this way: there the launcher's timeout is the only guard.
+        """
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        if self.accelerator.num_processes == 1:
+            status = [(n, message)]
+        else:
+            status = gather_object([(n, message)])
+        failed = [f"rank {rank}: {msg}" for rank, (_, msg) in enumerate(status) if msg is not None]
+        if failed:
+            raise ConstructionError(f"constructor={self.args.constructor!r} failed on {len(failed)} of {len(status)} "
+                                    f"processes ({'; '.join(failed)}); raised on every process") from error
+        return max(count for count, _ in status)
 
     @contextlib.contextmanager
     def _generation_budget(self, max_tokens: int):
@@ -260,16 +288,22 @@ class TAPOTrainer(TrainerBase):
         metrics["tapo/constructions_too_long"].append(too_long)
         metrics["tapo/parse_rate"].append(parsed / attempted if attempted else float("nan"))
         metrics["tapo/accept_rate"].append(accepted / attempted if attempted else float("nan"))
+        # Means over the accepted constructions of all ranks: per-rank sums and counts, gathered like the counts above.
         kept = [trajectories[r] for r in rows if r in trajectories and accepted_local[r]]
         # Tokens of the accepted constructed rows: the testbed compares arms at equal trained tokens.
-        metrics["tapo/constructed_tokens"].append(sum(len(t.labels) for t in kept))
-        if kept:
-            metrics["tapo/prefix_fraction"].append(sum(t.trajectory.prefix_fraction for t in kept) / len(kept))
-            metrics["tapo/reflection_tokens"].append(
-                sum(sum(1 for lab in t.labels if lab == REFLECTION) for t in kept) / len(kept))
-            fractions = [span_fractions(t.labels) for t in kept]
-            for name in fractions[0]:
-                metrics[f"tapo/span_{name}_frac"].append(sum(f[name] for f in fractions) / len(fractions))
+        span_names = list(span_fractions([]))
+        sums = torch.zeros(4 + len(span_names), dtype=torch.float64, device=self.accelerator.device)
+        for t in kept:
+            sums += torch.tensor([1.0, len(t.labels), t.trajectory.prefix_fraction,
+                                  sum(1 for lab in t.labels if lab == REFLECTION), *span_fractions(t.labels).values()],
+                                 dtype=torch.float64, device=sums.device)
+        n_kept, tokens, prefix, reflection, *spans = gather(sums).view(-1, sums.numel()).sum(0).tolist()
+        metrics["tapo/constructed_tokens"].append(tokens)
+        if n_kept:
+            metrics["tapo/prefix_fraction"].append(prefix / n_kept)
+            metrics["tapo/reflection_tokens"].append(reflection / n_kept)
+            for name, total in zip(span_names, spans, strict=True):
+                metrics[f"tapo/span_{name}_frac"].append(total / n_kept)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss side: L = L_GRPO + lambda * L_ref
@@ -279,11 +313,12 @@ class TAPOTrainer(TrainerBase):
         if not self.args.tapo_enabled or "constructed_rows" not in inputs:
             return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
         ref_loss = self._ref_loss(model, inputs)
-        self._metrics[self._mode()]["tapo/loss_grpo"].append(grpo_loss.item())
+        # Means over ranks, as TRL logs its own losses (rank 0's L_ref alone is its share of the global normalizer).
+        self._metrics[self._mode()]["tapo/loss_grpo"].append(gather(grpo_loss.detach().reshape(1)).mean().item())
         loss = tapo_total_loss(grpo_loss, ref_loss, self.args.ref_loss_weight)
         if ref_loss is None:
             return self._checked_finite(loss, inputs, L_GRPO=grpo_loss)
-        self._metrics[self._mode()]["tapo/loss_ref"].append(ref_loss.item())
+        self._metrics[self._mode()]["tapo/loss_ref"].append(gather(ref_loss.detach().reshape(1)).mean().item())
         return self._checked_finite(loss, inputs, L_GRPO=grpo_loss, L_ref=ref_loss)
 
     def _ref_loss(self, model, inputs) -> torch.Tensor | None:

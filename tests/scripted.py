@@ -2,7 +2,8 @@
 
 Each problem has a right and a wrong step-by-step solution. The replacement for TRL's `_generate_single_turn` returns,
 for every group of K rollouts of a problem, `n_right` right solutions then wrong ones; for a synthesis prompt it
-returns a well-formed synthesis (copy up to the error, reflect, fix).
+returns a well-formed synthesis (copy up to the error, reflect, fix); for a prompt that names no problem (the filler a
+rank with fewer syntheses than the others generates, to stay in step with them) an empty completion.
 """
 
 import types
@@ -32,24 +33,29 @@ def synthesis_for(prompt: str) -> str:
     raise AssertionError("unexpected synthesis prompt")
 
 
-def script_generation(trainer, n_right: int | None = None, pattern: str | None = None, synthesis=synthesis_for) -> None:
+def script_generation(trainer, n_right: int | dict[str, int] | None = None, pattern: str | None = None,
+                      synthesis=synthesis_for) -> None:
     """Replace `trainer._generate_single_turn` with the scripted rollouts: per group of K, `n_right` right ones then
-    wrong ones, or member i right iff pattern[i] == "R". Synthesis prompts are answered with `synthesis(prompt)`."""
-    pattern = pattern or "R" * n_right + "W" * (K - n_right)
+    wrong ones (one count for every problem, or a count per problem), or member i right iff pattern[i] == "R".
+    Synthesis prompts are answered with `synthesis(prompt)`; a prompt naming no problem (padding) gets ""."""
     counts: dict[str, int] = {}
 
     def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         out = []
         for ids in prompt_ids:
             prompt = self._tokenizer.decode(ids)
+            problem = next((p for p in PROBLEMS if p in prompt), None)
             if "<analysis>" in prompt:
                 text = synthesis(prompt)
+            elif problem is None:
+                text = ""
             else:
-                problem = next(p for p in PROBLEMS if p in prompt)
                 n = counts.get(problem, 0)
                 counts[problem] = n + 1
                 _, right, wrong = PROBLEMS[problem]
-                text = right if pattern[n % len(pattern)] == "R" else wrong
+                right_count = n_right[problem] if isinstance(n_right, dict) else n_right
+                problem_pattern = pattern or "R" * right_count + "W" * (K - right_count)
+                text = right if problem_pattern[n % len(problem_pattern)] == "R" else wrong
             out.append(self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id])
         return out, None
 

@@ -34,6 +34,8 @@ def test_writer_constructors_batch_one_call_and_report_unparsed_outputs():
     assert len(calls) == 1 and len(calls[0]) == 2 and "23 + 45 - 12" in calls[0][0]
     assert good.parsed and is_correct(good.trajectory.text, "56") and "Wait" in good.trajectory.parts()[1]
     assert not bad.parsed and bad.trajectory is None and bad.raw == "no tags at all"
+    # No requests still makes the (empty) call: the trainer's "self" generator is a collective every rank must enter.
+    assert construct([], "teacher", lambda messages: calls.append(messages) or []) == [] and calls[-1] == []
     with pytest.raises(ValueError, match="needs a generation function"):
         construct([REQUEST], "self")
     with pytest.raises(ValueError, match="unknown constructor"):
