@@ -6,7 +6,6 @@ Kept thin on purpose: data comes from `tapo.data`, models from `tapo.models`, th
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -86,36 +85,6 @@ class MetricsLogger(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
 
 
-class LiveProgress(TrainerCallback):
-    """A rich progress bar with the live reward / accuracy / construction acceptance."""
-
-    def __init__(self):
-        self.progress = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
-        parts = [f"{label} {logs[key]:.3f}" for key, label in
-                 (("reward", "reward"), ("tapo/accuracy", "acc"), ("tapo/accept_rate", "accept"), ("loss", "loss"))
-                 if isinstance(logs.get(key), (int, float)) and not math.isnan(logs[key])]
-        self.progress.update(self.task, completed=state.global_step, status="  ".join(parts))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-            self.progress.stop()
-
-
 def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
@@ -160,6 +129,7 @@ def train(run: RunArgs, config, dataset=None) -> Path:
     has already loaded it (the CLI does, so that bad data fails before any model is loaded)."""
     from tapo.core.verify import math_reward
     from tapo.models import load_model_and_tokenizer, resolve_model
+    from tapo.progress import progress_callback
     from tapo.trainer import TAPOTrainer
 
     run_dir = Path(config.output_dir)
@@ -180,8 +150,8 @@ def train(run: RunArgs, config, dataset=None) -> Path:
 
         trainer_cls = OPSDTrainer
     trainer = trainer_cls(model=model, reward_funcs=[math_reward], args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[MetricsLogger(run_dir / "metrics.jsonl"), LiveProgress()])
-    trainer.remove_callback(PrinterCallback)  # LiveProgress shows the live numbers; metrics.jsonl keeps them all
+                          processing_class=tokenizer, callbacks=[MetricsLogger(run_dir / "metrics.jsonl"), progress_callback()])
+    trainer.remove_callback(PrinterCallback)  # progress_callback shows the live numbers; metrics.jsonl keeps them all
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(run_dir / "final"))
     if run.plot:
