@@ -44,6 +44,9 @@ from tapo.core.losses import clipped_pg_loss
 from tapo.core.selection import select_candidates
 from tapo.core.tokens import label_tokens, span_fractions
 from tapo.core.weights import ots_weights
+from tapo.quiet import resolve_config_aliases, silence_dependency_warnings
+
+silence_dependency_warnings()
 
 # OPSD choices (the arm lives in tapo.opsd; its options are validated with the rest of the config).
 OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -113,6 +116,7 @@ class TAPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        resolve_config_aliases(self)  # no deprecation warning for TRL's own field names
         super().__post_init__()
         if self.constructor not in CONSTRUCTORS:
             raise ValueError(f"constructor={self.constructor!r}: choose one of {CONSTRUCTORS}")
