@@ -87,3 +87,17 @@ def test_settings_round_trip_to_cli_arguments():
     assert parse_settings(["lr_scheduler_type=constant", "x=a=b"]) == {"lr_scheduler_type": "constant", "x": "a=b"}
     with pytest.raises(SystemExit, match="key=value"):
         parse_settings(["oops"])
+
+
+def test_peak_rss_sees_a_freed_allocation_until_reset():
+    import torch
+    from common import peak_rss_gib, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs")
+    before = peak_rss_gib()
+    block = torch.ones(2**26)  # 256 MiB, written so it is resident
+    del block
+    assert peak_rss_gib() - before >= 0.2
+    reset_peak_rss()
+    assert peak_rss_gib() - before < 0.2

@@ -211,7 +211,9 @@ def train_main(argv: list[str]) -> int:
         kept = f"last good checkpoint: {last} (resume: tapo train --resume {run_dir})" if last else "no checkpoint yet"
         print(f"tapo train: {err}\n{kept}", file=sys.stderr)
         return 1
-    print(f"run folder: {out}")
+    from tapo.progress import folder_bytes, format_bytes
+
+    print(f"run folder: {out} ({format_bytes(folder_bytes(out))} on disk)")
     return 0
 
 

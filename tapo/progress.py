@@ -98,3 +98,20 @@ def progress_callback(stream=None) -> TrainerCallback:
     """The live bar when `stream` (default stdout) is a terminal, plain lines when it is a file or a pipe."""
     stream = stream or sys.stdout
     return LiveProgress() if stream.isatty() else PlainProgress(stream)
+
+
+def folder_bytes(path) -> int:
+    """Bytes of every file under `path` (what `du --apparent-size` counts)."""
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KB', 2.2e9 -> '2.2 GB' (decimal units, as `du -h --si` and file managers show)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"

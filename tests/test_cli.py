@@ -44,7 +44,8 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     torch.set_num_threads(1)  # several times faster for a tiny model on a busy 2-core machine
     try:
         code, out, _ = run_cli(capsys, "--model", "tiny", "--dataset", data, "--num_generations", "4",
-                               "--per_device_train_batch_size", "8", "--max_completion_length", "16", "--max_steps", "2",
+                               "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+                               "--max_completion_length", "16", "--max_steps", "2",
                                "--save_steps", "1", "--output_dir", str(run_dir))
     finally:
         torch.set_num_threads(saved_threads)

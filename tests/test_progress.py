@@ -3,7 +3,15 @@
 import io
 from types import SimpleNamespace
 
-from tapo.progress import LiveProgress, PlainProgress, format_duration, progress_callback, progress_line
+from tapo.progress import (
+    LiveProgress,
+    PlainProgress,
+    folder_bytes,
+    format_bytes,
+    format_duration,
+    progress_callback,
+    progress_line,
+)
 
 
 def test_format_duration():
@@ -49,3 +57,15 @@ def test_progress_callback_picks_the_bar_for_a_terminal_only():
 
     assert isinstance(progress_callback(Tty()), LiveProgress)
     assert isinstance(progress_callback(io.StringIO()), PlainProgress)
+
+
+def test_format_bytes():
+    assert [format_bytes(n) for n in (0, 999, 1536, 2_200_000_000, 3_700_000_000_000)] == \
+        ["0 B", "999 B", "1.5 KB", "2.2 GB", "3700.0 GB"]
+
+
+def test_folder_bytes_counts_every_file_below(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 5)
+    assert folder_bytes(tmp_path) == 15
