@@ -5,8 +5,9 @@
   TrainingArguments looks, exactly as transformers would, minus the warning; both names keep working.
 - `pin_memory` with no accelerator (torch's DataLoader): pinning only helps host-to-GPU copies, so it is switched
   off when torch finds no accelerator.
-- `is_gradient_checkpointing` (transformers 5): read by TRL 1.16 itself before every generation; nothing of ours
-  reads it, so only that exact message is silenced (`silence_dependency_warnings`).
+- `is_gradient_checkpointing`, `gradient_checkpointing_disable/enable` (transformers 5): called by TRL 1.16 itself
+  around every generation; nothing of ours calls them, so only those exact messages are silenced
+  (`silence_dependency_warnings`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import warnings
 import torch
 
 # (category, message regex) of warnings raised inside a dependency by a dependency's own call.
-DEPENDENCY_WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),)
+DEPENDENCY_WARNINGS = tuple((FutureWarning, rf"`{name}` is deprecated") for name in (
+    "is_gradient_checkpointing", "gradient_checkpointing_disable", "gradient_checkpointing_enable"))
 
 
 def silence_dependency_warnings() -> None:
