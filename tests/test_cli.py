@@ -2,6 +2,7 @@
 loaded) for every bad option, config file or data file."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -56,10 +57,11 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     assert config["run"]["dataset"] == data and config["trainer"]["num_generations"] == 4
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and "tapo/eligible_frac" in rows[0]
-    for step in (1, 2):
-        checkpoint = run_dir / f"checkpoint-{step}"
-        assert {"trainer_state.json", "tapo_state.json", "optimizer.pt", "model.safetensors"} <= {
-            f.name for f in checkpoint.iterdir()}
+    # The default keeps what a resume needs: the newest checkpoint only (checkpoint-1 was rotated out).
+    assert [c.name for c in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert {"trainer_state.json", "tapo_state.json", "optimizer.pt", "model.safetensors"} <= {
+        f.name for f in (run_dir / "checkpoint-2").iterdir()}
+    assert re.search(r"run folder: .* \(\d+\.\d [KMG]B on disk\)", out)
     assert (run_dir / "final" / "model.safetensors").exists()
     assert (run_dir / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run_dir.glob(".tmp-*"))
