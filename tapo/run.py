@@ -22,7 +22,7 @@ EMBEDDED_DEFAULTS = dict(
     n_train=256,
     num_generations=8,
     # 2 queries x 8 rollouts per optimizer step, generated as one batch of 16, trained as 8 micro-batches of 2 (same
-    # loss and gradient: TRL's "dapo" loss divides by the generation batch's token count): peak memory ~3 GiB, not 12.
+    # loss and gradient: TRL's "dapo" loss divides by the generation batch's token count): step-1 peak 3.9 GiB, not 12.
     per_device_train_batch_size=2,
     gradient_accumulation_steps=8,
     max_completion_length=128,
