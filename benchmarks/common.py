@@ -107,6 +107,30 @@ def machine() -> str:
             f"{torch.get_num_threads()}, load average at start {load:.1f}")
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's resident-memory high-water mark (VmHWM) from its current RSS, so the next
+    `peak_rss_gib()` is the peak of what runs in between (Linux >= 4.0: writing 5 to /proc/self/clear_refs).
+    Memory that an earlier arm freed but the allocator kept stays counted: a fresh process per arm is exact."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (VmHWM) in GiB: since start, or since the last `reset_peak_rss()`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

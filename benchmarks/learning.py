@@ -49,13 +49,15 @@ from tapo.models import load_model_and_tokenizer
 from tapo.run import build_trainer
 
 MODES = {
-    "quick": dict(train=dict(model="tiny", dataset=TASK, per_device_train_batch_size=8, num_generations=4, n_pos=1,
-                             n_neg=2, max_completion_length=32, synthesis_max_tokens=64, max_steps=4),
+    "quick": dict(train=dict(model="tiny", dataset=TASK, per_device_train_batch_size=8,
+                             gradient_accumulation_steps=1, num_generations=4, n_pos=1, n_neg=2,
+                             max_completion_length=32, synthesis_max_tokens=64, max_steps=4),
                   n_train=64, n_eval=8, k=2, eval_every=2, seeds=[0, 1]),
     "default": dict(train=dict(model="smollm2-135m", dataset=TASK), n_train=256, n_eval=64, k=4, eval_every=4,
                     seeds=[0, 1, 2]),  # training: the embedded CPU default (8 steps of 2 queries x 8 rollouts)
     "full": dict(train=dict(model="smollm2-135m", dataset=TASK, per_device_train_batch_size=64,
-                            max_completion_length=256, synthesis_max_tokens=512, max_steps=200, bf16=True),
+                            gradient_accumulation_steps=1, max_completion_length=256, synthesis_max_tokens=512,
+                            max_steps=200, bf16=True),
                  n_train=4096, n_eval=256, k=8, eval_every=25, seeds=[0, 1, 2]),
 }
 ARMS = {

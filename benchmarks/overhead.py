@@ -33,6 +33,8 @@ from common import (
     machine,
     make_config,
     parse_settings,
+    peak_rss_gib,
+    reset_peak_rss,
     set_threads,
     timed_targets,
     warm_verifier,
@@ -42,10 +44,12 @@ from common import (
 from tapo.run import build_trainer, load_train_set
 
 MODES = {
-    "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16, num_generations=8,
+    "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16,
+                  gradient_accumulation_steps=1, num_generations=8,
                   max_completion_length=64, synthesis_max_tokens=128, max_steps=4),
     "default": dict(model="smollm2-135m", dataset=TASK, max_steps=3),  # the rest: the embedded CPU default
     "full": dict(model="smollm2-135m", dataset=TASK, n_train=1024, per_device_train_batch_size=64,
+                 gradient_accumulation_steps=1,
                  max_completion_length=512, synthesis_max_tokens=1024, max_steps=8, bf16=True),
 }
 WARMUP = {"quick": 1, "default": 1, "full": 2}
@@ -95,7 +99,9 @@ def split_step(step: dict) -> dict[str, float]:
 
 
 def run_arm(settings: dict, warmup: int) -> dict:
-    """One fresh trainer, timed; the steps after the first `warmup` ones (all of them if there are no more)."""
+    """One fresh trainer, timed; the steps after the first `warmup` ones (all of them if there are no more), and the
+    process's peak resident memory during the arm (GiB; memory an earlier arm freed to the allocator counts too)."""
+    reset_peak_rss()
     timer = SectionTimer()
     with timer.patch(timed_targets()):
         run, config, _ = make_config(settings)
@@ -105,7 +111,7 @@ def run_arm(settings: dict, warmup: int) -> dict:
     first = warmup if len(clock.steps) > warmup else 0
     logs = [r for r in trainer.state.log_history if "reward" in r and r["step"] > first]
     return {"steps": [{"step": s["step"], "wall_s": s["wall_s"], "split": split_step(s)} for s in clock.steps[first:]],
-            "logs": logs}
+            "logs": logs, "peak_rss_gib": peak_rss_gib()}
 
 
 def summarize(arm: dict) -> dict:
@@ -126,7 +132,7 @@ def summarize(arm: dict) -> dict:
     # the backward pass through the L_ref rows is inside the shared backward call and is not in it.
     tapo_own = sum(v for k, v in details.items() if k.startswith("construction") or k.endswith("L_ref forward"))
     wall = statistics.fmean(s["wall_s"] for s in measured)
-    return {"n_measured": len(measured), "wall_s": wall, "tapo_own_s": tapo_own,
+    return {"n_measured": len(measured), "wall_s": wall, "peak_rss_gib": max(arm["peak_rss_gib"]), "tapo_own_s": tapo_own,
             "within_run_ratio_lower_bound": wall / (wall - tapo_own),
             "wall_s_each": [s["wall_s"] for s in measured], "groups": groups, "details": details,
             "mean_completion_tokens": mean_log("completions/mean_length"),
@@ -136,9 +142,9 @@ def summarize(arm: dict) -> dict:
 
 def print_report(summary: dict) -> None:
     base = summary["grpo"]["wall_s"]
-    print(f"\n{'arm':<12} {'s/step':>8} {'ratio':>6}  " + "  ".join(f"{g:>18}" for g in GROUPS))
+    print(f"\n{'arm':<12} {'s/step':>8} {'ratio':>6} {'peak GiB':>8}  " + "  ".join(f"{g:>18}" for g in GROUPS))
     for name, s in summary.items():
-        print(f"{name:<12} {s['wall_s']:8.2f} {s['wall_s'] / base:6.2f}  "
+        print(f"{name:<12} {s['wall_s']:8.2f} {s['wall_s'] / base:6.2f} {s['peak_rss_gib']:8.2f}  "
               + "  ".join(f"{s['groups'][g]:8.2f} ({s['groups'][g] / s['wall_s']:4.0%})" for g in GROUPS))
     for name, s in summary.items():
         if name != "grpo":
@@ -172,7 +178,7 @@ def main() -> None:
     print(f"overhead, mode {mode_name}, {where}")
 
     names = ["grpo", *[a for a in args.arms if a != "grpo"]]  # GRPO is the baseline of every ratio
-    arms = {name: {"steps": [], "logs": []} for name in names}
+    arms = {name: {"steps": [], "logs": [], "peak_rss_gib": []} for name in names}
     round_means = {name: [] for name in names}  # a machine shared with other jobs drifts: ratios are per round
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
@@ -180,8 +186,9 @@ def main() -> None:
             result = run_arm({**base, **ARMS[name]}, warmup)
             arms[name]["steps"] += result["steps"]
             arms[name]["logs"] += result["logs"]
+            arms[name]["peak_rss_gib"].append(result["peak_rss_gib"])
             round_means[name].append(statistics.fmean(s["wall_s"] for s in result["steps"]))
-            print(f"{name}: {round_means[name][-1]:.2f} s/step", flush=True)
+            print(f"{name}: {round_means[name][-1]:.2f} s/step, peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
     summary = {name: summarize(arm) for name, arm in arms.items()}
     print_report(summary)
     ratios = {name: statistics.median(a / g for a, g in zip(round_means[name], round_means["grpo"], strict=True))

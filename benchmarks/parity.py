@@ -26,6 +26,8 @@ from common import (
     machine,
     make_config,
     parse_settings,
+    peak_rss_gib,
+    reset_peak_rss,
     set_threads,
     warm_verifier,
     write_json,
@@ -35,10 +37,12 @@ from trl import GRPOConfig, GRPOTrainer
 from tapo.run import build_trainer, load_train_set
 
 MODES = {
-    "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16, num_generations=8,
+    "quick": dict(model="tiny", dataset=TASK, n_train=64, per_device_train_batch_size=16,
+                  gradient_accumulation_steps=1, num_generations=8,
                   max_completion_length=64, max_steps=6),
     "default": dict(model="smollm2-135m", dataset=TASK, max_steps=3),  # the rest: the embedded CPU default
     "full": dict(model="smollm2-135m", dataset=TASK, n_train=1024, per_device_train_batch_size=64,
+                 gradient_accumulation_steps=1,
                  max_completion_length=512, max_steps=8, bf16=True),
 }
 ROUNDS = {"quick": 3, "default": 1, "full": 2}
@@ -49,6 +53,7 @@ COMPARED = ("loss", "reward", "reward_std", "grad_norm", "entropy", "completions
 
 def run_one(kind: str, settings: dict) -> dict:
     """kind: 'tapo-off' (TAPOTrainer, algorithm=grpo) or 'trl' (GRPOTrainer with the same explicit settings)."""
+    reset_peak_rss()
     run, config, explicit = make_config({**settings, "algorithm": "grpo"})
     cls = None
     if kind == "trl":
@@ -58,7 +63,7 @@ def run_one(kind: str, settings: dict) -> dict:
     trainer = build_trainer(run, config, load_train_set(run, config.seed), callbacks=[clock], trainer_cls=cls)
     trainer.train()
     logs = [{k: r[k] for k in COMPARED if k in r} | {"step": r["step"]} for r in trainer.state.log_history if "loss" in r]
-    return {"step_s": [s["wall_s"] for s in clock.steps], "logs": logs}
+    return {"step_s": [s["wall_s"] for s in clock.steps], "logs": logs, "peak_rss_gib": peak_rss_gib()}
 
 
 def max_abs_diffs(a: list[dict], b: list[dict]) -> dict[str, float]:
@@ -94,7 +99,8 @@ def main() -> None:
         for kind in (("tapo-off", "trl") if r % 2 == 0 else ("trl", "tapo-off")):
             print(f"round {r + 1}/{rounds}: {kind}", flush=True)
             runs[kind].append(run_one(kind, settings))
-            print(f"  step times {[round(t, 2) for t in runs[kind][-1]['step_s']]}", flush=True)
+            print(f"  step times {[round(t, 2) for t in runs[kind][-1]['step_s']]}, peak RSS "
+                  f"{runs[kind][-1]['peak_rss_gib']:.2f} GiB", flush=True)
 
     def timed(run):
         return statistics.fmean(run["step_s"][warmup:] or run["step_s"])
@@ -105,11 +111,13 @@ def main() -> None:
         "mode": mode_name, "machine": where, "settings": settings, "rounds": rounds, "warmup_steps": warmup,
         "step_time_ratio_median": statistics.median(ratios), "step_time_ratio_per_round": ratios,
         "mean_step_s": {k: statistics.fmean(timed(r) for r in v) for k, v in runs.items()},
+        "peak_rss_gib": {k: max(r["peak_rss_gib"] for r in v) for k, v in runs.items()},
         "max_abs_diff_first_run": diffs, "runs": runs,
     }
     print(f"\nstep time TAPOTrainer(TAPO off) / GRPOTrainer: median {result['step_time_ratio_median']:.3f} "
           f"(per round {', '.join(f'{x:.3f}' for x in ratios)}); mean s/step "
-          + ", ".join(f"{k} {v:.2f}" for k, v in result["mean_step_s"].items()))
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["mean_step_s"].items()) + "; peak RSS GiB "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["peak_rss_gib"].items()))
     print(f"max |diff| over {len(runs['trl'][0]['logs'])} logged steps: "
           + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
     write_json(RESULTS / f"parity_{mode_name}.json", result)

@@ -163,3 +163,17 @@ def test_testbed_results_of_more_seeds_and_arms_are_the_same_experiment():
     spec = {"task": "arith", "steps": 200, "seeds": [0], "arms": ["grpo"], "ablation_seeds": [0]}
     assert same_experiment({**spec, "seeds": [0, 1], "arms": ["grpo", "tapo"]}, spec)
     assert not same_experiment({**spec, "steps": 100}, spec) and not same_experiment(None, spec)
+
+
+def test_peak_rss_sees_a_freed_allocation_until_reset():
+    import torch
+    from common import peak_rss_gib, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs")
+    before = peak_rss_gib()
+    block = torch.ones(2**26)  # 256 MiB, written so it is resident
+    del block
+    assert peak_rss_gib() - before >= 0.2
+    reset_peak_rss()
+    assert peak_rss_gib() - before < 0.2

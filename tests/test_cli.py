@@ -2,6 +2,7 @@
 loaded) for every bad option, config file or data file."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     torch.set_num_threads(1)  # several times faster for a tiny model on a busy 2-core machine
     try:
         code, out, _ = run_cli(capsys, "--model", "tiny", "--dataset", data, "--num_generations", "4",
-                               "--per_device_train_batch_size", "8", "--max_completion_length", "16", "--max_steps", "2",
+                               "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+                               "--max_completion_length", "16", "--max_steps", "2",
                                "--save_steps", "1", "--output_dir", str(run_dir))
     finally:
         torch.set_num_threads(saved_threads)
@@ -58,10 +60,11 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     assert config["run"]["dataset"] == data and config["trainer"]["num_generations"] == 4
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and "tapo/eligible_frac" in rows[0]
-    for step in (1, 2):
-        checkpoint = run_dir / f"checkpoint-{step}"
-        assert {"trainer_state.json", "tapo_state.json", "optimizer.pt", "model.safetensors"} <= {
-            f.name for f in checkpoint.iterdir()}
+    # The default keeps what a resume needs: the newest checkpoint only (checkpoint-1 was rotated out).
+    assert [c.name for c in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert {"trainer_state.json", "tapo_state.json", "optimizer.pt", "model.safetensors"} <= {
+        f.name for f in (run_dir / "checkpoint-2").iterdir()}
+    assert re.search(r"run folder: .* \(\d+\.\d [KMG]B on disk\)", out)
     assert (run_dir / "final" / "model.safetensors").exists()
     for folder in (run_dir / "checkpoint-1", run_dir / "checkpoint-2", run_dir / "final"):  # the card goes with the weights
         card = (folder / "README.md").read_text()

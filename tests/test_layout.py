@@ -21,8 +21,8 @@ for info in pkgutil.walk_packages([str(ROOT)], "tapo."):
 LAYERS = [
     ("tapo.cli",), ("tapo.coldstart", "tapo.evaluation", "tapo.arith_policy"), ("tapo.run",), ("tapo.plots",),
     ("tapo.opsd",), ("tapo.trainer",), ("tapo.trainer_base",), ("tapo.config",), ("tapo.construct",),
-    ("tapo.runfolder", "tapo.modelcard"), ("tapo.data", "tapo.models"), ("tapo.arith",), ("tapo.core",),
-    ("tapo.verifier_pool", "tapo.ranks", "tapo.collision", "tapo.version"),
+    ("tapo.runfolder", "tapo.modelcard", "tapo.progress"), ("tapo.data", "tapo.models"), ("tapo.arith",), ("tapo.core",),
+    ("tapo.verifier_pool", "tapo.ranks", "tapo.collision", "tapo.version", "tapo.quiet"),
 ]
 
 

@@ -272,7 +272,8 @@ def cli_args(tmp_path, model_dir, max_steps: int) -> list[str]:
     (tmp_path / "problems.jsonl").write_text("".join(json.dumps({"problem": f"{a} + {a}", "answer": str(2 * a)}) + "\n"
                                                      for a in range(1, 5)))
     return ["--model", str(model_dir), "--dataset", str(tmp_path / "problems.jsonl"), "--num_generations", "4",
-            "--per_device_train_batch_size", "8", "--max_completion_length", "24", "--ref_max_length", "400",
+            "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_completion_length", "24",
+            "--ref_max_length", "400",
             "--max_steps", str(max_steps), "--save_steps", "1", "--learning_rate", "1e-3", "--temperature", "1.0",
             "--n_pos", "1", "--n_neg", "1", "--seed", "3", "--plot", "false"]
 
