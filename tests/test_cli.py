@@ -66,7 +66,7 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
         f.name for f in (run_dir / "checkpoint-2").iterdir()}
     assert re.search(r"run folder: .* \(\d+\.\d [KMG]B on disk\)", out)
     assert (run_dir / "final" / "model.safetensors").exists()
-    for folder in (run_dir / "checkpoint-1", run_dir / "checkpoint-2", run_dir / "final"):  # the card goes with the weights
+    for folder in (run_dir / "checkpoint-2", run_dir / "final"):  # the card goes with the weights
         card = (folder / "README.md").read_text()
         assert "tiny random Llama" in card and "trained with **TAPO**" in card and f'model="{folder}"' in card
     assert (run_dir / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

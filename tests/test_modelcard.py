@@ -11,7 +11,7 @@ import tapo
 from tapo.core.verify import math_reward
 from tapo.modelcard import GRPO_SETTINGS, method_settings
 from tapo.models import SMOLLM2_FOLDER, SMOLLM2_HUB_ID, TINY_FOLDER, describe_base_model
-from tapo.opsd import OPSDTrainer
+from tapo.opsd import OPSDConfig, OPSDTrainer
 from tapo.trainer import TAPOConfig, TAPOTrainer
 
 CONFIG = dict(report_to="none", use_cpu=True, num_generations=2, per_device_train_batch_size=2, max_steps=3)
@@ -31,7 +31,7 @@ def test_base_model_is_named_for_every_kind_of_model_source(tmp_path):
 
 def test_settings_are_the_ones_that_took_effect(tmp_path):
     def config(**kw):
-        return TAPOConfig(output_dir=str(tmp_path), **CONFIG, **kw)
+        return (OPSDConfig if any(k.startswith("opsd_") for k in kw) else TAPOConfig)(output_dir=str(tmp_path), **CONFIG, **kw)
 
     tapo_off_ots = method_settings(["TAPO"], config(ots_enabled=False, n_pos=3))
     assert list(tapo_off_ots)[:4] == ["constructor", "n_pos", "n_neg", "m_max"] and tapo_off_ots["n_pos"] == 3
@@ -60,7 +60,7 @@ def test_saved_model_card_names_base_model_algorithm_version_and_paper(tiny_mode
                                                                           present, absent):
     torch.manual_seed(0)
     trainer = cls(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[math_reward],
-                  args=TAPOConfig(output_dir=str(tmp_path / "run"), **CONFIG, **options),
+                  args=(OPSDConfig if cls is OPSDTrainer else TAPOConfig)(output_dir=str(tmp_path / "run"), **CONFIG, **options),
                   train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1 + 1"}], "answer": "2"}]),
                   processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
     trainer.save_model(str(tmp_path / "run" / "final"))
