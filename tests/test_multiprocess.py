@@ -20,7 +20,8 @@ def test_two_processes_print_once_and_share_one_run_folder(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tapo.cli", "train",
          "--model", "tiny", "--dataset", "problems.jsonl", "--skip_bad_rows", "true", "--max_steps", "1",
-         "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8"],
+         "--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+         "--max_completion_length", "8"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()  # no default name was taken per process
