@@ -78,8 +78,18 @@ class TAPOTrainer(TrainerBase):
                 OpenAIChatGenerator(a.teacher_base_url, a.teacher_model, a.teacher_api_key_env, a.synthesis_max_tokens,
                                     a.temperature)
                 if a.teacher_base_url
-                else HFGenerator(a.teacher_model, a.synthesis_max_tokens, a.temperature)
+                else HFGenerator(a.teacher_model, a.synthesis_max_tokens, a.temperature,
+                                 device=self.accelerator.device, dtype=self._teacher_dtype())
             )
+
+    def _teacher_dtype(self) -> torch.dtype:
+        """A local teacher only generates: it runs in the precision the policy computes in (bf16/fp16 under mixed
+        precision, whose master weights stay fp32), else in the policy's parameter dtype."""
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return self.accelerator.unwrap_model(self.model).dtype
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation side: DCS -> construction -> re-verification -> DAE
