@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -97,10 +98,21 @@ class TrainerBase(GRPOTrainer):
 
     def _rescore(self, batch: ScoredBatch, texts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
         """(B_global,) weighted total reward of other texts for this process's rows (e.g. constructions), through TRL's
-        reward path (a collective call) but not recorded as the batch's scores."""
+        reward path (a collective call) but not recorded as the batch's scores.
+
+        Reward functions may call `log_extra` / `log_metric`; TRL queues those in `_pending_extra_logs` /
+        `_pending_metrics` and flushes the queue into the logs when it scores the *next* generation batch. Calls made
+        while rescoring are dropped, so they neither add a second value to this batch's metrics nor land, misaligned,
+        in the next batch's completion table."""
         completions = [text if isinstance(like, str) else [{"role": "assistant", "content": text}]
                        for like, text in zip(batch.completions, texts, strict=True)]
-        rewards_per_func = GRPOTrainer._calculate_rewards(self, batch.inputs, batch.prompts, completions, completion_ids)
+        queued = self._pending_extra_logs, self._pending_metrics
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        try:
+            rewards_per_func = GRPOTrainer._calculate_rewards(self, batch.inputs, batch.prompts, completions,
+                                                              completion_ids)
+        finally:
+            self._pending_extra_logs, self._pending_metrics = queued
         return self._total_reward(rewards_per_func)
 
     # ----------------------------------------------------------------------------------------------------------------
