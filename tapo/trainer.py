@@ -200,13 +200,16 @@ class TAPOTrainer(TrainerBase):
                     output["constructed_ref_per_token_logps"] = self._reference_model_logps(input_ids, attention, keep)
 
     def _reference_model_logps(self, input_ids, attention, keep):
+        """The reference model's log-probs of the constructed rows, in per_device_train_batch_size chunks as TRL's own
+        reference pass (the generation batch can be many micro-batches long)."""
+        chunk = self.args.per_device_train_batch_size
         if self.ref_model is not None:
-            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention, keep)[0]
+            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention, keep, batch_size=chunk)[0]
         from trl.models.utils import use_adapter  # PEFT: the base model (adapter disabled) is the reference
 
         model = self.accelerator.unwrap_model(self.model)
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention, keep)[0]
+            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention, keep, batch_size=chunk)[0]
 
     def _synthesis_generator(self):
         if self.args.constructor == "splice":

@@ -33,3 +33,23 @@ def test_rescoring_constructions_does_not_leak_reward_function_logs(tiny_model_d
         assert list(trainer._logs["extra"]["scored_text"]) == logged and len(logged) == 2 * K
         # One value per batch, over the original rollouts only (2 of 4 right per problem).
         assert trainer._metrics["train"]["logged_accuracy"] == [0.5] * batch
+
+
+def test_no_grad_passes_over_constructed_rows_run_in_micro_batch_chunks(tiny_model_dir, tmp_path, monkeypatch):
+    # A generation batch of 2 micro-batches (steps_per_generation=2), with old log-probs (num_iterations=2) and a
+    # reference model (beta > 0): every no-grad log-prob pass, TRL's and ours over the constructed rows, is chunked.
+    trainer = make_trainer(tiny_model_dir, tmp_path, per_device_train_batch_size=K, steps_per_generation=2,
+                           num_iterations=2, beta=0.04)
+    calls = []
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(model, input_ids, *args, **kwargs):
+        calls.append((model is trainer.ref_model, input_ids.shape[0], kwargs.get("batch_size")))
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    out = generation_batch(trainer)
+    assert "constructed_ref_per_token_logps" in out and "constructed_old_per_token_logps" in out
+    # TRL's old and reference passes, then ours: old and reference, all over the 2K rows of the generation batch.
+    assert [(is_ref, rows) for is_ref, rows, _ in calls] == [(False, 2 * K), (True, 2 * K)] * 2
+    assert {batch_size for _, _, batch_size in calls} == {K}
