@@ -113,7 +113,8 @@ class TAPOTrainer(TrainerBase):
         n_eligible = 0
         for g in range(correct.shape[0]):
             rng = random.Random(f"{a.seed}-{self._generation_round}-{g}")
-            pairs = select_candidates(correct[g].tolist(), a.n_pos, a.n_neg, a.m_max, rng)
+            verdicts = [ok if scored else None for ok, scored in zip(correct[g].tolist(), batch.scored.view(-1, k)[g].tolist())]
+            pairs = select_candidates(verdicts, a.n_pos, a.n_neg, a.m_max, rng)
             n_eligible += bool(pairs)
             for wrong, reference in pairs:
                 row = g * k + wrong - offset

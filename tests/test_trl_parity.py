@@ -53,3 +53,31 @@ def test_no_grad_passes_over_constructed_rows_run_in_micro_batch_chunks(tiny_mod
     # TRL's old and reference passes, then ours: old and reference, all over the 2K rows of the generation batch.
     assert [(is_ref, rows) for is_ref, rows, _ in calls] == [(False, 2 * K), (True, 2 * K)] * 2
     assert {batch_size for _, _, batch_size in calls} == {K}
+
+
+def test_unscorable_rollout_is_missing_from_the_orig_baseline_as_in_trl(tiny_model_dir, tmp_path):
+    # Problem 0's 4th rollout (wrong) is unscorable: the reward function returns None for it, so TRL gives it reward
+    # NaN, leaves it out of the group's nanmean/nanstd and gives it advantage 0. The constructions of that group are
+    # scored against the same baseline, and the unscorable rollout is not repaired (it is not known to be wrong).
+    first_call = []
+
+    def reward(prompts, completions, answer, **kwargs):
+        rewards = math_reward(prompts, completions, answer)
+        if not first_call:  # the original rollouts; later calls rescore the constructions
+            first_call.append(True)
+            rewards[3] = None
+        return rewards
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, n_neg=1, ref_baseline="orig")
+    trainer.reward_funcs = [reward]
+    out = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in generation_batch(trainer).items()}
+
+    # Group 0 = [1, 1, 0, NaN]: mean 2/3, unbiased std over the 3 scored = sqrt((1/9 + 1/9 + 4/9) / 2) = 0.577350.
+    # Group 1 = [1, 1, 0, 0]: mean 1/2, std 0.577350. eps = 1e-4, as TRL.
+    std = 0.5773503 + 1e-4
+    torch.testing.assert_close(out["advantages"], torch.tensor([1 / 3, 1 / 3, -2 / 3, 0, 0.5, 0.5, -0.5, -0.5]) / std
+                               * torch.tensor([1, 1, 1, 0, 1, 1, 1, 1]), atol=1e-5, rtol=0)
+    # Constructions (reward 1) on the wrong rows 2, 6 and 7; row 3 (unscorable) is not repaired.
+    assert out["constructed_rows"].nonzero().flatten().tolist() == [2, 6, 7]
+    torch.testing.assert_close(out["constructed_advantages"][[2, 6, 7]], torch.tensor([1 / 3, 0.5, 0.5]) / std,
+                               atol=1e-5, rtol=0)
