@@ -360,6 +360,7 @@ class TAPOTrainer(TrainerBase):
             logps, old, inputs["constructed_advantages"][rows], mask, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, token_weights=weights, ref_logprobs=ref_model_logps, beta=self.beta,
             agg=a.ref_loss_aggregation, normalizer=self._accumulation_normalizer(count), max_len=a.ref_max_length,
+            delta=a.delta, kl_ratio_correction=a.use_bias_correction_kl,  # as TRL applies them to L_GRPO
         )
         for name in ("weight_mean", "weight_min", "weight_max"):
             if name in stats:

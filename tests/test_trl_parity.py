@@ -5,6 +5,8 @@ test_trainer.py); everything after generation is the real code."""
 import pytest
 import torch
 
+from tapo.config import TAPOConfig
+from tapo.core.losses import clipped_pg_loss
 from tapo.core.verify import math_reward
 from tapo.trainer_base import completion_text
 
@@ -81,3 +83,28 @@ def test_unscorable_rollout_is_missing_from_the_orig_baseline_as_in_trl(tiny_mod
     assert out["constructed_rows"].nonzero().flatten().tolist() == [2, 6, 7]
     torch.testing.assert_close(out["constructed_advantages"][[2, 6, 7]], torch.tensor([1 / 3, 0.5, 0.5]) / std,
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("option, value", [("importance_sampling_level", "sequence"), ("loss_type", "cispo"),
+                                           ("loss_type", "sapo"), ("loss_type", "vespo"),
+                                           ("multi_objective_aggregation", "normalize_then_sum")])
+def test_trl_options_not_applied_to_constructed_rows_are_refused(tmp_path, option, value):
+    kwargs = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{option: value})
+    with pytest.raises(ValueError, match=rf"^{option}='{value}' is not supported with TAPO \(.+\): use .+tapo_enabled=False"):
+        TAPOConfig(**kwargs)
+    assert getattr(TAPOConfig(tapo_enabled=False, **kwargs), option) == value  # plain GRPO: TRL's option as is
+
+
+def test_delta_and_kl_bias_correction_reach_the_constructed_rows_loss(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tmp_path, beta=0.04, delta=1.5, use_bias_correction_kl=True)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return clipped_pg_loss(*args, **kwargs)
+
+    monkeypatch.setattr("tapo.trainer.clipped_pg_loss", spy)
+    out = generation_batch(trainer)
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, out)
+    assert seen["delta"] == 1.5 and seen["kl_ratio_correction"] is True and seen["beta"] == 0.04
