@@ -187,7 +187,8 @@ def parse_train_args(argv: list[str]):
         if misplaced:
             raise ConfigError(f"{', '.join(misplaced)}: OPSD option(s), they need --algorithm opsd (got {algorithm})")
         parser = _train_parser(algorithm)
-    parser.set_defaults_with_config(**layered)
+    # TAPO off before the config checks run: they refuse, with TAPO on, TRL options that plain GRPO allows.
+    parser.set_defaults_with_config(**layered, **({"tapo_enabled": False} if algorithm != "tapo" else {}))
     # The values as given, before the dataclasses post-process them (report_to "none" -> []), so they reload as given.
     given = vars(parser.parse_known_args(argv)[0])
     try:

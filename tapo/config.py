@@ -100,6 +100,8 @@ class TAPOConfig(GRPOConfig):
     def __post_init__(self):
         resolve_config_aliases(self)
         super().__post_init__()
+        if self.tapo_enabled:
+            self._check_trl_options_apply_to_constructed_rows()
         if self.constructor not in CONSTRUCTORS:
             raise ValueError(f"constructor={self.constructor!r}: choose one of {CONSTRUCTORS}")
         if self.ref_baseline not in REF_BASELINES:
@@ -118,3 +120,31 @@ class TAPOConfig(GRPOConfig):
             # resumed run is still correct but no longer bit-identical to an uninterrupted one.
             warnings.warn(f"save_steps={self.save_steps} does not fall on generation boundaries (every {generate_every} "
                           "micro-steps): resuming from such a checkpoint regenerates its rollouts", stacklevel=2)
+
+    def _check_trl_options_apply_to_constructed_rows(self) -> None:
+        """TRL options that shape L_GRPO but have no counterpart in L_ref (the constructed rows' loss) or in DCS/DAE are
+        refused, so that the constructed rows never silently train under other rules than the original ones.
+        (delta and use_bias_correction_kl are applied to L_ref, as TRL applies them.)"""
+        if self.importance_sampling_level != "token":
+            raise ValueError(unsupported("importance_sampling_level", self.importance_sampling_level,
+                                         "L_ref, the loss on the constructed rows, uses per-token importance ratios",
+                                         "importance_sampling_level='token' (the default)"))
+        if self.loss_type in UNMIRRORED_LOSS_TYPES:
+            raise ValueError(unsupported("loss_type", self.loss_type,
+                                         "L_ref is the clipped surrogate of the grpo/bnpo/dr_grpo/dapo/luspo losses and "
+                                         f"has no {self.loss_type} form",
+                                         "loss_type='dapo' (the default), 'grpo', 'bnpo', 'dr_grpo' or 'luspo'"))
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(unsupported("multi_objective_aggregation", self.multi_objective_aggregation,
+                                         "DCS and the constructed rows' advantages use the weighted sum of the rewards",
+                                         "multi_objective_aggregation='sum_then_normalize' (the default)"))
+
+
+# TRL 1.16 loss types whose per-token policy term is not the clipped surrogate that L_ref computes.
+UNMIRRORED_LOSS_TYPES = ("cispo", "sapo", "vespo")
+
+
+def unsupported(option: str, value, why: str, instead: str) -> str:
+    """The one-line error for a TRL option TAPO does not apply to constructed rows."""
+    return (f"{option}={value!r} is not supported with TAPO ({why}): use {instead}, or turn TAPO off "
+            "(tapo_enabled=False, `tapo train --algorithm grpo`)")

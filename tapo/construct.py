@@ -73,13 +73,22 @@ def construct(requests: Sequence[ConstructionRequest], constructor: str, generat
 
 
 class HFGenerator:
-    """A local transformers model as a synthesis writer (constructor="teacher" with a model path)."""
+    """A local transformers model as a synthesis writer (constructor="teacher" with a model path).
 
-    def __init__(self, model_name_or_path: str, max_new_tokens: int = 1024, temperature: float = 0.7, batch_size: int = 8):
+    It generates on `device` (default: the first GPU when there is one, else the CPU) in `dtype` (default: the
+    checkpoint's). The trainer passes its process's accelerator device and the policy's dtype, so under a multi-process
+    launch every process holds its own copy of the teacher on its own GPU: budget one teacher per process.
+    """
+
+    def __init__(self, model_name_or_path: str, max_new_tokens: int = 1024, temperature: float = 0.7, batch_size: int = 8,
+                 device=None, dtype=None):
+        import torch
+
         from tapo.models import load_model_and_tokenizer
 
-        self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path)
-        self.model.eval()
+        self.model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype=dtype)
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        self.model.requires_grad_(False)  # inference only: no optimizer ever sees it, and no grad buffers are kept
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
 
     def __call__(self, messages: list[str]) -> list[str]:

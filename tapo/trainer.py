@@ -78,8 +78,18 @@ class TAPOTrainer(TrainerBase):
                 OpenAIChatGenerator(a.teacher_base_url, a.teacher_model, a.teacher_api_key_env, a.synthesis_max_tokens,
                                     a.temperature)
                 if a.teacher_base_url
-                else HFGenerator(a.teacher_model, a.synthesis_max_tokens, a.temperature)
+                else HFGenerator(a.teacher_model, a.synthesis_max_tokens, a.temperature,
+                                 device=self.accelerator.device, dtype=self._teacher_dtype())
             )
+
+    def _teacher_dtype(self) -> torch.dtype:
+        """A local teacher only generates: it runs in the precision the policy computes in (bf16/fp16 under mixed
+        precision, whose master weights stay fp32), else in the policy's parameter dtype."""
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return self.accelerator.unwrap_model(self.model).dtype
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation side: DCS -> construction -> re-verification -> DAE
@@ -103,7 +113,8 @@ class TAPOTrainer(TrainerBase):
         n_eligible = 0
         for g in range(correct.shape[0]):
             rng = random.Random(f"{a.seed}-{self._generation_round}-{g}")
-            pairs = select_candidates(correct[g].tolist(), a.n_pos, a.n_neg, a.m_max, rng)
+            verdicts = [ok if scored else None for ok, scored in zip(correct[g].tolist(), batch.scored.view(-1, k)[g].tolist())]
+            pairs = select_candidates(verdicts, a.n_pos, a.n_neg, a.m_max, rng)
             n_eligible += bool(pairs)
             for wrong, reference in pairs:
                 row = g * k + wrong - offset
@@ -190,13 +201,16 @@ class TAPOTrainer(TrainerBase):
                     output["constructed_ref_per_token_logps"] = self._reference_model_logps(input_ids, attention, keep)
 
     def _reference_model_logps(self, input_ids, attention, keep):
+        """The reference model's log-probs of the constructed rows, in per_device_train_batch_size chunks as TRL's own
+        reference pass (the generation batch can be many micro-batches long)."""
+        chunk = self.args.per_device_train_batch_size
         if self.ref_model is not None:
-            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention, keep)[0]
+            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention, keep, batch_size=chunk)[0]
         from trl.models.utils import use_adapter  # PEFT: the base model (adapter disabled) is the reference
 
         model = self.accelerator.unwrap_model(self.model)
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention, keep)[0]
+            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention, keep, batch_size=chunk)[0]
 
     def _synthesis_generator(self):
         if self.args.constructor == "splice":
@@ -346,6 +360,7 @@ class TAPOTrainer(TrainerBase):
             logps, old, inputs["constructed_advantages"][rows], mask, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, token_weights=weights, ref_logprobs=ref_model_logps, beta=self.beta,
             agg=a.ref_loss_aggregation, normalizer=self._accumulation_normalizer(count), max_len=a.ref_max_length,
+            delta=a.delta, kl_ratio_correction=a.use_bias_correction_kl,  # as TRL applies them to L_GRPO
         )
         for name in ("weight_mean", "weight_min", "weight_max"):
             if name in stats:

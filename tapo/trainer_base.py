@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +44,7 @@ class ScoredBatch(NamedTuple):
     all_texts: list[str]  # every process's completion texts, in global row order
     rewards: torch.Tensor  # (B_global,) weighted total reward per rollout
     correct: torch.Tensor  # (B_global,) bool: rewards >= correct_threshold
+    scored: torch.Tensor  # (B_global,) bool: some reward function scored the rollout (its reward is not NaN)
     offset: int  # global index of this process's first row
 
 
@@ -83,8 +85,12 @@ class TrainerBase(GRPOTrainer):
         return rewards_per_func
 
     def _total_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over the reward functions that scored a row (TRL's nansum); NaN where none did. As in TRL's
+        advantages, such an unscorable rollout is missing, not 0: the group baselines (nanmean/nanstd) leave it out,
+        and it never counts as correct."""
         weights = self.reward_weights.to(rewards_per_func.device)
-        return (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        total = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        return total.masked_fill(rewards_per_func.isnan().all(dim=1), torch.nan)
 
     def _scored_batch(self) -> ScoredBatch:
         """The generation batch TRL just scored (rewards are gathered by TRL; texts are gathered here)."""
@@ -93,14 +99,25 @@ class TrainerBase(GRPOTrainer):
         texts = [completion_text(c) for c in completions]
         all_texts = gather_object(texts) if self.accelerator.num_processes > 1 else texts
         return ScoredBatch(inputs, prompts, completions, texts, all_texts, rewards, rewards >= self.args.correct_threshold,
-                           self.accelerator.process_index * len(prompts))
+                           ~rewards.isnan(), self.accelerator.process_index * len(prompts))
 
     def _rescore(self, batch: ScoredBatch, texts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
         """(B_global,) weighted total reward of other texts for this process's rows (e.g. constructions), through TRL's
-        reward path (a collective call) but not recorded as the batch's scores."""
+        reward path (a collective call) but not recorded as the batch's scores.
+
+        Reward functions may call `log_extra` / `log_metric`; TRL queues those in `_pending_extra_logs` /
+        `_pending_metrics` and flushes the queue into the logs when it scores the *next* generation batch. Calls made
+        while rescoring are dropped, so they neither add a second value to this batch's metrics nor land, misaligned,
+        in the next batch's completion table."""
         completions = [text if isinstance(like, str) else [{"role": "assistant", "content": text}]
                        for like, text in zip(batch.completions, texts, strict=True)]
-        rewards_per_func = GRPOTrainer._calculate_rewards(self, batch.inputs, batch.prompts, completions, completion_ids)
+        queued = self._pending_extra_logs, self._pending_metrics
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        try:
+            rewards_per_func = GRPOTrainer._calculate_rewards(self, batch.inputs, batch.prompts, completions,
+                                                              completion_ids)
+        finally:
+            self._pending_extra_logs, self._pending_metrics = queued
         return self._total_reward(rewards_per_func)
 
     # ----------------------------------------------------------------------------------------------------------------

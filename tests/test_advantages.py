@@ -188,3 +188,16 @@ def test_register_new_estimator():
         close(get_advantage_estimator("test_centred")(torch.tensor([1.0, 3.0])), [-1.0, 1.0])
     finally:
         ADVANTAGE_ESTIMATORS.pop("test_centred", None)
+
+
+def test_dae_nan_in_the_original_group_is_missing_from_its_baseline():
+    # Original [1, 1, 0, NaN] (the 4th unscorable, as TRL marks it): the scored three have mean 2/3 and unbiased std
+    # sqrt((1/9 + 1/9 + 4/9) / 2) = sqrt(1/3); a construction with reward 1 gets (1/3) / sqrt(1/3) = sqrt(1/3) under
+    # "orig". Under "union" the pool is [1, 1, 0, 1] (NaN left out): mean 3/4, std sqrt(0.75 / 3) = 1/2 -> 1/2.
+    # The NaN rollout's own advantage is 0, as in TRL.
+    orig_rewards = torch.tensor([[1.0, 1.0, 0.0, NAN]])
+    orig, ref = decoupled_advantages(orig_rewards, [torch.tensor([1.0])], eps=0.0, ref_baseline="orig")
+    close(ref[0], [math.sqrt(1 / 3)])
+    close(orig[0], [math.sqrt(1 / 3), math.sqrt(1 / 3), -2 * math.sqrt(1 / 3), 0.0])
+    _, ref = decoupled_advantages(orig_rewards, [torch.tensor([1.0])], eps=0.0, ref_baseline="union")
+    close(ref[0], [0.5])

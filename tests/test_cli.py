@@ -166,6 +166,29 @@ def test_a_bad_option_is_one_clear_error(tmp_path, capsys, nothing_loads, case, 
     assert not (tmp_path / "run").exists()
 
 
+UNSUPPORTED_WITH_TAPO = [  # TRL options TAPO does not apply to constructed rows: (command line, the option named)
+    (["--importance_sampling_level", "sequence"], "importance_sampling_level='sequence' is not supported with TAPO"),
+    (["--loss_type", "cispo"], "loss_type='cispo' is not supported with TAPO"),
+    (["--loss_type", "sapo"], "loss_type='sapo' is not supported with TAPO"),
+    (["--loss_type", "vespo"], "loss_type='vespo' is not supported with TAPO"),
+    (["--multi_objective_aggregation", "normalize_then_sum"],
+     "multi_objective_aggregation='normalize_then_sum' is not supported with TAPO"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", UNSUPPORTED_WITH_TAPO, ids=[a[1] for a, _ in UNSUPPORTED_WITH_TAPO])
+def test_a_trl_option_tapo_does_not_apply_is_one_clear_error(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr("tapo.models.load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, _, err = run_cli(capsys, "--output_dir", str(tmp_path / "run"), *argv)
+    assert code == 2 and err.startswith(f"tapo train: {expected} (") and len(err.strip().splitlines()) == 1
+    assert "use " in err and "--algorithm grpo" in err  # what to do instead is named
+    assert not (tmp_path / "run").exists()
+    # Plain GRPO (TAPO off) takes the option as TRL does.
+    monkeypatch.setattr("tapo.run.train", lambda run, config, dataset: config.output_dir)
+    code, _, err = run_cli(capsys, "--algorithm", "grpo", "--output_dir", str(tmp_path / "grpo"), *argv)
+    assert code == 0, err
+
+
 def test_missing_config_file_and_resume_without_a_checkpoint(tmp_path, capsys, nothing_loads):
     code, _, err = run_cli(capsys, "--config", str(tmp_path / "nope.yaml"))
     assert code == 2 and f"cannot read config file {tmp_path / 'nope.yaml'}" in err

@@ -6,6 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 
 from scripted import generation_batch, synthesis_for
 from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
@@ -92,11 +93,23 @@ def test_local_hf_teacher_generates_one_text_per_message(tiny_model_dir):
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
 
 
+def test_local_hf_teacher_is_placed_on_the_given_device_in_eval_mode(tiny_model_dir):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = HFGenerator(str(tiny_model_dir), max_new_tokens=2, temperature=0.0, device=device, dtype=torch.float16)
+    params = list(teacher.model.parameters())
+    assert {p.device.type for p in params} == {device.type} and {p.dtype for p in params} == {torch.float16}
+    assert not teacher.model.training and not any(p.requires_grad for p in params)
+    assert len(teacher(["a"])) == 1  # generates where it lives
+
+
 def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):
     from test_trainer import make_trainer
 
     trainer = make_trainer(tiny_model_dir, tmp_path, constructor="teacher", teacher_model=str(tiny_model_dir))
     assert isinstance(trainer._teacher, HFGenerator)
+    # The teacher lives on this process's device, in the precision the policy computes in (bf16 under mixed precision).
+    assert trainer._teacher.model.device == trainer.accelerator.device
+    assert trainer.args.bf16 and trainer._teacher.model.dtype == torch.bfloat16
     asked = []
     trainer._teacher = lambda messages: asked.extend(messages) or [synthesis_for(m) for m in messages]
     out = generation_batch(trainer)

@@ -203,7 +203,8 @@ class _Accelerator:
         return tensor
 
 
-def _trl_loss(loss_type, logprobs, inputs, beta, delta, accumulation=3, steps_per_generation=2, max_len=6):
+def _trl_loss(loss_type, logprobs, inputs, beta, delta, accumulation=3, steps_per_generation=2, max_len=6,
+              bias_correction_kl=False):
     from trl.trainer import grpo_trainer  # a declared dependency: a moved module must fail, not skip
     trainer = SimpleNamespace(
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
@@ -212,7 +213,7 @@ def _trl_loss(loss_type, logprobs, inputs, beta, delta, accumulation=3, steps_pe
         current_gradient_accumulation_steps=accumulation, max_completion_length=max_len,
         _entropy_bonus_enabled=False, aux_loss_enabled=False, accelerator=_Accelerator(),
         _metrics={"train": defaultdict(list)},
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=steps_per_generation),
+        args=SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=delta, steps_per_generation=steps_per_generation),
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logprobs, torch.zeros_like(logprobs), None),
     )
     loss = grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
@@ -226,9 +227,10 @@ PER_TOKEN_ADVANTAGES = [[-1.3, 1.3, -1.3, 1.3], [-0.7, -0.7, 0.7, 0.7], [0.4, -0
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize(("beta", "delta"), [(0.0, None), (0.04, 1.3)])
+@pytest.mark.parametrize(("beta", "delta", "bias_correction_kl"), [(0.0, None, False), (0.04, 1.3, False),
+                                                                   (0.04, 1.3, True)])
 @pytest.mark.parametrize("advantages", [torch.tensor([1.3, -0.7, 0.4]), torch.tensor(PER_TOKEN_ADVANTAGES)])
-def test_matches_trl_compute_loss(loss_type, beta, delta, advantages):
+def test_matches_trl_compute_loss(loss_type, beta, delta, bias_correction_kl, advantages):
     generator = torch.Generator().manual_seed(0)
     batch, length, accumulation, steps_per_generation, max_len, processes = 3, 4, 3, 2, 6, 2
     logprobs = -torch.rand(batch, length, generator=generator) * 2
@@ -243,7 +245,7 @@ def test_matches_trl_compute_loss(loss_type, beta, delta, advantages):
         "num_items_in_batch": num_items,
     }
     trl_loss, trl_metrics = _trl_loss(loss_type, logprobs, inputs, beta, delta, accumulation, steps_per_generation,
-                                      max_len)
+                                      max_len, bias_correction_kl)
 
     agg, normalizer, scale = {
         "grpo": ("seq_mean_token_mean", None, accumulation),
@@ -253,9 +255,11 @@ def test_matches_trl_compute_loss(loss_type, beta, delta, advantages):
     }[loss_type]
     loss, stats = clipped_pg_loss(
         logprobs, old, advantages, mask, eps_low=0.2, eps_high=0.28, ref_logprobs=ref, beta=beta, agg=agg,
-        normalizer=normalizer, max_len=max_len, delta=delta,
+        normalizer=normalizer, max_len=max_len, delta=delta, kl_ratio_correction=bias_correction_kl,
     )
     torch.testing.assert_close(loss / scale, trl_loss)
+    if beta:
+        assert stats["kl"].item() == pytest.approx(trl_metrics["kl"][0])
     for ours, trl_key in [("clip_low", "low"), ("clip_high", "high"), ("clip_region", "region")]:
         assert stats[ours].item() == pytest.approx(trl_metrics[f"clip_ratio/{trl_key}_mean"][0])
     if beta:

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from tapo.core.selection import select_candidates
 
-groups = st.lists(st.booleans(), min_size=0, max_size=16)
+groups = st.lists(st.sampled_from([True, False, None]), min_size=0, max_size=16)  # None: unscored rollout
 thresholds = st.integers(min_value=1, max_value=6)
 caps = st.integers(min_value=0, max_value=6)
 seeds = st.integers(min_value=0, max_value=2**32)
@@ -15,12 +15,12 @@ seeds = st.integers(min_value=0, max_value=2**32)
 @given(groups, thresholds, thresholds, caps, seeds)
 def test_pairs_respect_every_invariant(correct, n_pos, n_neg, m_max, seed):
     pairs = select_candidates(correct, n_pos, n_neg, m_max, random.Random(seed))
-    n_correct = sum(correct)
-    eligible = n_correct >= n_pos and len(correct) - n_correct >= n_neg
+    n_correct, n_wrong = correct.count(True), correct.count(False)
+    eligible = n_correct >= n_pos and n_wrong >= n_neg
     wrong = [w for w, _ in pairs]
-    assert len(pairs) == (min(len(correct) - n_correct, m_max) if eligible else 0)
+    assert len(pairs) == (min(n_wrong, m_max) if eligible else 0)
     assert len(set(wrong)) == len(wrong) and wrong == sorted(wrong)
-    assert all(not correct[w] and correct[ref] for w, ref in pairs)
+    assert all(correct[w] is False and correct[ref] is True for w, ref in pairs)
 
 
 @given(groups, thresholds, thresholds, caps, seeds)
@@ -62,3 +62,10 @@ def test_none_rng_follows_the_global_seed():
 def test_bad_arguments_are_rejected(kwargs):
     with pytest.raises(ValueError, match="select_candidates"):
         select_candidates([True, False], **kwargs)
+
+
+def test_unscored_rollouts_are_neither_side():
+    # 2 correct, 1 incorrect, 1 unscored: with n_neg=2 not eligible (the unscored one is not a failure) ...
+    assert select_candidates([True, True, False, None], n_pos=2, n_neg=2, rng=random.Random(0)) == []
+    # ... with n_neg=1 only the incorrect one is repaired.
+    assert [w for w, _ in select_candidates([True, True, False, None], n_pos=2, n_neg=1, rng=random.Random(0))] == [2]

@@ -5,6 +5,9 @@ Per token t of sequence i (TRL `GRPOTrainer._compute_loss`, importance_sampling_
     ratio_it = exp(logp_it - old_logp_it)
     l_it     = -min(ratio_it * A_i, clamp(ratio_it, 1 - eps_low, 1 + eps_high) * A_i) * w_it + beta * kl_it
     kl_it    = exp(ref_it - logp_it) - (ref_it - logp_it) - 1          (k3 estimator of KL(pi || pi_ref))
+               times ratio_it with kl_ratio_correction (TRL's use_bias_correction_kl, its default: the unbiased
+               reverse-KL gradient; the ratio is differentiable, so this changes the gradient even where it is 1)
+    with delta (TRL's two-sided clipping) the unclipped ratio_it inside the min() is capped at delta.
 
 w_it are optional OTS weights (constants). They scale only the policy term: the KL term stays unweighted, as TRL adds
 beta * kl after every other per-token factor (vLLM IS ratio, entropy mask) has been applied to the policy term.
@@ -107,11 +110,13 @@ def clipped_pg_loss(
     normalizer: float | Tensor | None = None,
     max_len: int | None = None,
     delta: float | None = None,
+    kl_ratio_correction: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO clipped surrogate over (B, T) tokens; returns (loss, detached stats). Formulas: module docstring.
 
     advantages: (B,) per sequence or (B, T) per token. token_weights: (B, T) OTS weights, detached here.
     delta: TRL's two-sided clipping, caps the unclipped ratio at delta (ratio = min(ratio, delta)) in the min().
+    kl_ratio_correction: multiply the KL term by the (uncapped) ratio, as TRL's use_bias_correction_kl.
     Stats (detached; means over this batch's masked tokens): clip_low/clip_high/clip_region (TRL's
     clip_ratio/{low,high,region}_mean), ratio_mean, kl (when ref_logprobs is given), weight_mean/weight_min/weight_max
     (when token_weights is given; NaN without masked tokens).
@@ -136,6 +141,8 @@ def clipped_pg_loss(
     if ref_logprobs is not None:
         log_ref_ratio = ref_logprobs - logprobs
         per_token_kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        if kl_ratio_correction:
+            per_token_kl = per_token_kl * ratio
         if beta != 0.0:
             per_token_loss = per_token_loss + beta * per_token_kl
     loss = aggregate_loss(per_token_loss, mask, agg, normalizer, max_len)

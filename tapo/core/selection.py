@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def select_candidates(
-    correct: Sequence[bool],
+    correct: Sequence[bool | None],
     n_pos: int = 2,
     n_neg: int = 4,
     m_max: int = 4,
@@ -19,6 +19,8 @@ def select_candidates(
 ) -> list[tuple[int, int]]:
     """Pick (incorrect_index, correct_reference_index) pairs for one group of rollouts.
 
+    correct[i] is None for a rollout no reward function scored (TRL's NaN reward): it is neither correct nor incorrect,
+    so it is never paired and does not count towards n_pos / n_neg.
     Returns [] unless sum(correct) >= n_pos and (len(correct) - sum(correct)) >= n_neg. Otherwise returns
     min(|N|, m_max) pairs, sorted by incorrect index: the incorrect indices are distinct (all of N when |N| <= m_max,
     else a uniform random m_max-subset of N) and each reference is drawn uniformly from P, independently per pair
@@ -32,8 +34,8 @@ def select_candidates(
     if n_pos < 1 or n_neg < 1 or m_max < 0:
         raise ValueError(f"select_candidates: need n_pos >= 1, n_neg >= 1, m_max >= 0, got {n_pos=} {n_neg=} {m_max=}")
     sampler = rng if rng is not None else random  # the module functions share the global Random instance
-    positives = [i for i, ok in enumerate(correct) if ok]
-    negatives = [i for i, ok in enumerate(correct) if not ok]
+    positives = [i for i, ok in enumerate(correct) if ok is not None and ok]
+    negatives = [i for i, ok in enumerate(correct) if ok is not None and not ok]
     if len(positives) < n_pos or len(negatives) < n_neg:
         return []
     chosen = negatives if len(negatives) <= m_max else sorted(sampler.sample(negatives, m_max))
