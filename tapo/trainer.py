@@ -301,8 +301,8 @@ class TAPOTrainer(TrainerBase):
         # Counts summed over the ranks: attempted, parsed, accepted, truncated syntheses, then rejections by reason.
         counts = [len(rows), sum(c.parsed for c in built), int(accepted_local.sum()), sum(c.truncated for c in built),
                   *(rejections[reason] for reason in REJECTIONS)]
-        counts = gather(torch.tensor(counts, dtype=torch.float32, device=self.accelerator.device))
-        attempted, parsed, accepted, truncated, *rejected = counts.view(-1, len(counts)).sum(0).tolist()
+        gathered = gather(torch.tensor(counts, dtype=torch.float32, device=self.accelerator.device))
+        attempted, parsed, accepted, truncated, *rejected = gathered.view(-1, len(counts)).sum(0).tolist()
         metrics["tapo/eligible_frac"].append(n_eligible / max(n_groups, 1))
         metrics["tapo/accuracy"].append(correct.float().mean().item())
         metrics["tapo/blank_rollouts"].append(n_blank)  # counted over the global batch, the same on every rank
