@@ -10,17 +10,9 @@ from tapo.config import TAPOConfig
 from tapo.core.synthesis import REJECTIONS
 
 from scripted import COLUMNS, PROBLEMS, generation_batch, one_token_per_char, script_generation, synthesis_for
-from test_trainer_wiring import SQRT_1_3, make_trainer
+from test_trainer_wiring import SQRT_1_3, make_trainer, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 DAE_ORIG = 0.5 / (SQRT_1_3 + 1e-4)  # a construction (reward 1) against its group [1, 1, 0, 0], ref_baseline="orig"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def parts_of(prompt: str) -> tuple[str, str, str]:
