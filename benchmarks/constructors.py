@@ -23,7 +23,7 @@ from tapo.core.selection import select_candidates
 from tapo.core.verify import is_correct
 from tapo.data import PROMPT_TEMPLATE, load_problems
 from tapo.models import load_model_and_tokenizer, resolve_model
-from tapo.config import EMBEDDED_DEFAULTS
+from tapo.config import EMBEDDED_DEFAULTS, default_synthesis_max_tokens
 
 
 def chat_generate(model, tokenizer, messages: list[str], max_new_tokens: int, temperature: float, num: int = 1) -> list[str]:
@@ -43,12 +43,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=12, help="problems")
     p.add_argument("--k", type=int, default=8, help="rollouts per problem")
     p.add_argument("--max-tokens", type=int, default=EMBEDDED_DEFAULTS["max_completion_length"])
-    p.add_argument("--synthesis-tokens", type=int, default=EMBEDDED_DEFAULTS["synthesis_max_tokens"])
+    p.add_argument("--synthesis-tokens", type=int, default=None,
+                   help="default: TAPOConfig's, derived from --max-tokens")
     p.add_argument("--n-pos", type=int, default=EMBEDDED_DEFAULTS["n_pos"])
     p.add_argument("--n-neg", type=int, default=EMBEDDED_DEFAULTS["n_neg"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/constructors.json")
     args = p.parse_args()
+    if args.synthesis_tokens is None:
+        args.synthesis_tokens = default_synthesis_max_tokens(args.max_tokens)
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(resolve_model(args.model))

@@ -12,13 +12,21 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from tapo.construct import CONSTRUCTORS
+from tapo.construct import CONSTRUCTION_CONTROLS, CONSTRUCTORS
 from tapo.core.advantages import REF_BASELINES
 from tapo.core.losses import LOSS_AGGREGATIONS
+from tapo.core.synthesis import PREFIX_MATCHES
+from tapo.core.trajectory import CONTROLS, CUTS
 from tapo.models import DEFAULT_MODEL
 from tapo.quiet import resolve_config_aliases, silence_dependency_warnings
 
 silence_dependency_warnings()
+
+
+def default_synthesis_max_tokens(max_completion_length: int) -> int:
+    """The synthesis budget when none is given (why this size: `TAPOConfig.synthesis_max_tokens`)."""
+    return 3 * max_completion_length + 64
+
 
 # The embedded default: what `tapo train` with no arguments runs, sized for a 2-core CPU in about 10 minutes, and the
 # bottom layer of every `tapo train` (and benchmark) config. SmolLM2-135M-Instruct (shipped by the PyPI package
@@ -32,8 +40,7 @@ EMBEDDED_DEFAULTS = dict(
     # loss and gradient: TRL's "dapo" loss divides by the generation batch's token count): step-1 peak 3.9 GiB, not 12.
     per_device_train_batch_size=2,
     gradient_accumulation_steps=8,
-    max_completion_length=128,
-    synthesis_max_tokens=320,
+    max_completion_length=128,  # synthesis_max_tokens follows it (3 * 128 + 64): no explicit value to fall out of step
     max_steps=8,
     learning_rate=1e-5,
     lr_scheduler_type="constant",
@@ -66,8 +73,9 @@ class TAPOConfig(GRPOConfig):
     ref_loss_weight: float = field(default=1.0, metadata={"help": "lambda in L = L_GRPO + lambda * L_ref."})
     ref_baseline: str = field(
         default="orig",
-        metadata={"help": "DAE baseline for constructed rows: 'orig' (the original group's mean/std) or 'ref' "
-                  "(G_ref's own mean/std, the paper's equation; zero signal when every accepted construction is correct)."},
+        metadata={"help": "DAE baseline for constructed rows: 'orig' (the original group's mean/std), 'ref' "
+                  "(G_ref's own mean/std, the paper's equation; zero signal when every accepted construction is correct) "
+                  "or 'union' (the original group together with its accepted constructions)."},
     )
     ref_loss_aggregation: str = field(
         default="token_mean", metadata={"help": f"How L_ref is normalized: one of {tuple(LOSS_AGGREGATIONS)}."}
@@ -80,7 +88,33 @@ class TAPOConfig(GRPOConfig):
         metadata={"help": "Who writes the micro-reflective trajectory: 'self' (the policy, same generation backend as "
                   "the rollouts), 'splice' (deterministic, no model), 'teacher' (teacher_model / teacher_base_url)."},
     )
-    synthesis_max_tokens: int = field(default=1024, metadata={"help": "Generation budget for one synthesis output."})
+    cut: str = field(
+        default="before_error",
+        metadata={"help": f"Where the prefix ends, for every constructor ({CUTS}): 'before_error' keeps the wrong "
+                  "rollout up to, not including, its first critical error; 'after_error' keeps the erroneous step and "
+                  "reflects right after it. The synthesis prompt asks for the same cut."},
+    )
+    prefix_match: str = field(
+        default="strict",
+        metadata={"help": f"How a synthesis's copy of the wrong rollout must match it ({PREFIX_MATCHES}): 'strict' keeps "
+                  "only verbatim copies (whitespace aside) that turn into a reflection where the copy ends; 'longest' "
+                  "also accepts a copy that drifts before the point of reflection, anchored at the last copied step "
+                  "found whole in the wrong rollout (tapo.core.synthesis)."},
+    )
+    construction_control: str = field(
+        default="none",
+        metadata={"help": f"Ablation control for every assembled construction: 'none', or one of {CONTROLS}: "
+                  "'no_prefix' trains the correct sibling alone, 'no_reflection' the prefix then the correction with "
+                  "no reflection sentence; same re-verification, advantage and loss weight (tapo.core.trajectory)."},
+    )
+    synthesis_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Generation budget for one synthesis output. Default: 3 * max_completion_length + 64: the "
+                  "copy of the wrong rollout (at most one completion), the reflection and corrected reasoning (a "
+                  "solution: at most one completion), the analysis (it quotes the wrong step and its fix; one more "
+                  "completion is ample) and 64 for the tags and the reflection sentence. Syntheses that hit it are "
+                  "counted in tapo/synthesis_truncated."},
+    )
     ref_max_length: int | None = field(
         default=None,
         metadata={"help": "Constructed trajectories longer than this many tokens are dropped (truncating would cut "
@@ -106,6 +140,12 @@ class TAPOConfig(GRPOConfig):
             raise ValueError(f"constructor={self.constructor!r}: choose one of {CONSTRUCTORS}")
         if self.ref_baseline not in REF_BASELINES:
             raise ValueError(f"ref_baseline={self.ref_baseline!r}: choose one of {REF_BASELINES}")
+        if self.cut not in CUTS:
+            raise ValueError(f"cut={self.cut!r}: choose one of {CUTS}")
+        if self.prefix_match not in PREFIX_MATCHES:
+            raise ValueError(f"prefix_match={self.prefix_match!r}: choose one of {PREFIX_MATCHES}")
+        if self.construction_control not in CONSTRUCTION_CONTROLS:
+            raise ValueError(f"construction_control={self.construction_control!r}: choose one of {CONSTRUCTION_CONTROLS}")
         if self.ref_loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"ref_loss_aggregation={self.ref_loss_aggregation!r}: choose one of {tuple(LOSS_AGGREGATIONS)}")
         if self.constructor == "teacher" and not self.teacher_model:
@@ -114,6 +154,8 @@ class TAPOConfig(GRPOConfig):
             raise ValueError(f"ots_low={self.ots_low} must be <= ots_high={self.ots_high}")
         if self.ref_max_length is None:
             self.ref_max_length = 2 * self.max_completion_length
+        if self.synthesis_max_tokens is None:
+            self.synthesis_max_tokens = default_synthesis_max_tokens(self.max_completion_length)
         generate_every = self.steps_per_generation * self.num_iterations
         if self.save_steps >= 1 and (int(self.save_steps) * self.gradient_accumulation_steps) % generate_every:
             # The buffered generation batch is not checkpointed: a resume from mid-buffer regenerates it, so the

@@ -7,7 +7,13 @@ Three constructors share one contract, `construct(requests, ...) -> list[Constru
 - "teacher": another model writes it: a local HF model (`HFGenerator`) or an OpenAI-compatible endpoint
   (`OpenAIChatGenerator`).
 Generators are plain callables `list[str] -> list[str]` (user message in, assistant text out) so they are easy to fake
-in tests and to swap.
+in tests and to swap. A generator that can tell marks an output that stopped at its token budget as `Truncated` (a
+`str`), which the trainer counts as `tapo/synthesis_truncated`.
+
+Every constructor takes the same `cut` (where the prefix ends) and, on the assembled trajectory, the same ablation
+`control` (`tapo.core.trajectory.ablate_trajectory`); the model-written ones assemble with `prefix_match`. Each
+construction says why it has no trajectory (`rejection`, one of `tapo.core.synthesis.REJECTIONS`); a splice that finds
+no checkable first error counts as `unparsed`, as the parse rate counts it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tapo.core.splice import splice_trajectory
-from tapo.core.synthesis import assemble_trajectory, build_synthesis_prompt, parse_synthesis
-from tapo.core.trajectory import Trajectory
+from tapo.core.synthesis import UNPARSED, Assembly, assemble_output, build_synthesis_prompt
+from tapo.core.trajectory import CONTROLS, Trajectory, ablate_trajectory
 
 CONSTRUCTORS = ("self", "splice", "teacher")
+CONSTRUCTION_CONTROLS = ("none", *CONTROLS)  # "none": train the construction as built
 
 Generator = Callable[[list[str]], list[str]]
+
+
+class Truncated(str):
+    """A generator's output that stopped at its token budget (plain `str`: it finished, or the generator cannot tell)."""
 
 
 class ConstructionError(RuntimeError):
@@ -43,32 +54,52 @@ class ConstructionRequest:
 
 @dataclass(frozen=True)
 class Construction:
-    """Outcome of one request. `trajectory` is None when the synthesis did not parse or could not be assembled."""
+    """Outcome of one request. `trajectory` is None when the synthesis did not parse or could not be assembled, and
+    then `rejection` says why."""
 
     trajectory: Trajectory | None
     parsed: bool
     raw: str | None = None  # the synthesis text the model wrote (None for "splice")
+    rejection: str | None = None  # one of tapo.core.synthesis.REJECTIONS, set exactly when trajectory is None
+    truncated: bool = False  # the synthesis stopped at the generator's token budget
 
 
-def construct(requests: Sequence[ConstructionRequest], constructor: str, generate: Generator | None = None) -> list[Construction]:
+def _finish(assembly: Assembly, request: ConstructionRequest, control: str, **fields) -> Construction:
+    """The Construction of an assembly, its trajectory rewritten by the ablation `control` ("none": as built)."""
+    trajectory = assembly.trajectory
+    if trajectory is not None and control != "none":
+        trajectory = ablate_trajectory(trajectory, request.reference, control)
+    return Construction(trajectory, rejection=assembly.rejection, **fields)
+
+
+def construct(requests: Sequence[ConstructionRequest], constructor: str, generate: Generator | None = None, *,
+              cut: str = "before_error", prefix_match: str = "strict", control: str = "none") -> list[Construction]:
     """Build one construction per request. Generation (if any) is one batched call, so the backend can batch it; it is
-    made even with no requests, because the trainer's "self" generator is a collective every rank enters each round."""
+    made even with no requests, because the trainer's "self" generator is a collective every rank enters each round.
+
+    cut: where the prefix ends (`tapo.core.trajectory.CUTS`), for the splice, the synthesis prompt and its assembly;
+    prefix_match: how a synthesis's copy must match (`tapo.core.synthesis`); control: "none" or one of
+    `tapo.core.trajectory.CONTROLS`, applied to every assembled trajectory. Blank rollouts must not be requested
+    (`build_synthesis_prompt` raises on them): callers leave them out of pairing."""
     if constructor not in CONSTRUCTORS:
         raise ValueError(f"unknown constructor {constructor!r}; choose one of {CONSTRUCTORS}")
+    if control not in CONSTRUCTION_CONTROLS:
+        raise ValueError(f"unknown control {control!r}; choose one of {CONSTRUCTION_CONTROLS}")
     if constructor == "splice":
         out = []
         for r in requests:
-            traj = splice_trajectory(r.wrong, r.reference, r.gold)
-            out.append(Construction(traj, parsed=traj is not None))
+            trajectory = splice_trajectory(r.wrong, r.reference, r.gold, cut=cut)
+            assembly = Assembly(trajectory, None if trajectory is not None else UNPARSED)
+            out.append(_finish(assembly, r, control, parsed=trajectory is not None))
         return out
     if generate is None:
         raise ValueError(f"constructor {constructor!r} needs a generation function")
-    texts = generate([build_synthesis_prompt(r.problem, r.wrong, r.reference) for r in requests])
+    texts = generate([build_synthesis_prompt(r.problem, r.wrong, r.reference, cut=cut) for r in requests])
     out = []
     for r, text in zip(requests, texts, strict=True):
-        synthesis = parse_synthesis(text)
-        traj = assemble_trajectory(r.wrong, synthesis) if synthesis is not None else None
-        out.append(Construction(traj, parsed=synthesis is not None, raw=text))
+        assembly = assemble_output(r.wrong, text, prefix_match=prefix_match, cut=cut)
+        out.append(_finish(assembly, r, control, parsed=assembly.rejection != UNPARSED, raw=text,
+                           truncated=isinstance(text, Truncated)))
     return out
 
 
@@ -110,7 +141,13 @@ class HFGenerator:
                     temperature=self.temperature if self.temperature > 0 else None,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
-            out += self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            generated = ids[:, enc["input_ids"].shape[1] :]
+            stops = self.model.generation_config.eos_token_id
+            stops = torch.tensor([stops] if isinstance(stops, int) else list(stops or [self.tokenizer.eos_token_id]))
+            # No stop token among the new ids: the row ran to max_new_tokens.
+            finished = torch.isin(generated.cpu(), stops).any(dim=1).tolist()
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            out += [text if done else Truncated(text) for text, done in zip(texts, finished, strict=True)]
         return out
 
 
@@ -136,7 +173,9 @@ class OpenAIChatGenerator:
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.load(resp)["choices"][0]["message"]["content"] or ""
+                choice = json.load(resp)["choices"][0]
+            text = choice["message"]["content"] or ""
+            return Truncated(text) if choice.get("finish_reason") == "length" else text
         except (OSError, KeyError, IndexError, ValueError) as err:
             # A failed request is a failed construction (counted as unparsed), not a crashed training run.
             return f"[teacher request failed: {err}]"

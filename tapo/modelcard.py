@@ -37,7 +37,7 @@ DESCRIPTIONS = {
 }
 METHOD_SETTINGS = {
     "TAPO": ["constructor", "n_pos", "n_neg", "m_max", "ref_loss_weight", "ref_baseline", "ref_loss_aggregation",
-             "ots_enabled", "ots_low", "ots_high", "ref_max_length"],
+             "ots_enabled", "ots_low", "ots_high", "ref_max_length", "cut", "construction_control"],
     "GRPO": [],
     "OPSD": ["opsd_divergence", "opsd_jsd_beta", "opsd_weight", "opsd_include_grpo", "opsd_reference"],
 }
@@ -52,6 +52,8 @@ def method_settings(methods: list[str], args) -> dict[str, object]:
     if "TAPO" in methods:
         if not args.ots_enabled:
             keys = [k for k in keys if k not in ("ots_low", "ots_high")]
+        if args.constructor != "splice":  # a model writes the syntheses
+            keys += ["prefix_match", "synthesis_max_tokens"]
         if args.constructor == "teacher":
             keys += ["teacher_model", "teacher_base_url"]
     if "OPSD" in methods and args.opsd_divergence != "jsd":

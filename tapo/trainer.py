@@ -8,8 +8,12 @@ Generation side
 1. TRL generates, scores and computes GRPO advantages for the original rollouts exactly as it always does. Those
    advantages are never touched afterwards (DAE: constructed rows never enter the original group's statistics).
 2. DCS runs on every group (rewards and texts are gathered across processes, since the K members of a group can live
-   on different ranks); constructions are built for the selected (wrong, correct) pairs on the rank that owns the wrong
-   rollout, re-verified with the same reward functions, and given their DAE advantages.
+   on different ranks; blank rollouts are left out of pairing); constructions are built for the selected (wrong,
+   correct) pairs on the rank that owns the wrong rollout (with the configured `cut`, `prefix_match` and
+   `construction_control`), re-verified with the same reward functions, and given their DAE advantages. Every
+   construction that is not trained on is counted by reason (`tapo/rejected_*`).
+   A constructed row's prefix is the wrong rollout's own sampled token ids (`tapo.core.tokens.trajectory_token_ids`:
+   re-tokenizing its text could split it differently), and the row ends with the terminator that rollout used.
 3. A constructed trajectory is stored *on the row of the wrong rollout it repairs* (`constructed_*` columns, same
    batch dimension). That keeps every tensor's batch size equal to TRL's, so TRL's shuffling, `steps_per_generation`
    buffering and per-micro-batch splitting keep working unchanged, and each micro-batch holds its exact share of
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -37,12 +42,14 @@ from accelerate.utils import gather, gather_object
 from trl.trainer.utils import pad
 
 from tapo.config import TAPOConfig
-from tapo.construct import ConstructionError, ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
+from tapo.construct import (ConstructionError, ConstructionRequest, HFGenerator, OpenAIChatGenerator, Truncated,
+                            construct)
 from tapo.core.advantages import decoupled_advantages
 from tapo.core.losses import clipped_pg_loss, generation_batch_count, tapo_total_loss
 from tapo.core.selection import select_candidates
 from tapo.core.trajectory import Trajectory
-from tapo.core.tokens import REFLECTION, label_tokens, span_fractions
+from tapo.core.synthesis import REJECTIONS, TOO_LONG, WRONG_ANSWER, is_blank
+from tapo.core.tokens import REFLECTION, span_fractions, trajectory_token_ids
 from tapo.core.weights import ots_weights
 from tapo.trainer_base import NonFiniteLossError, TrainerBase
 
@@ -105,36 +112,43 @@ class TAPOTrainer(TrainerBase):
         a, device = self.args, self.accelerator.device
         batch = self._scored_batch()
         n_local, k, offset = len(batch.prompts), self.num_generations, batch.offset
-        correct = batch.correct.view(-1, k)  # (G, K)
+        correct, scored = batch.correct.view(-1, k), batch.scored.view(-1, k)  # (G, K)
+        # A blank rollout (only its terminator, or whitespace) has nothing to repair or copy: it is left out of pairing,
+        # as wrong rollout and as reference, before DCS picks (as `tapo coldstart` does).
+        usable = [[i for i in range(k) if not is_blank(batch.all_texts[g * k + i])] for g in range(correct.shape[0])]
 
         # DCS on every group, identically on every rank (same seeded rng), so ranks agree on who builds what.
         self._generation_round += 1
         requests: dict[int, ConstructionRequest] = {}  # local row -> request
         n_eligible = 0
-        for g in range(correct.shape[0]):
+        for g, members in enumerate(usable):
             rng = random.Random(f"{a.seed}-{self._generation_round}-{g}")
-            verdicts = [ok if scored else None for ok, scored in zip(correct[g].tolist(), batch.scored.view(-1, k)[g].tolist())]
+            # Unscorable rollouts (NaN reward) are neither right nor wrong: DCS neither repairs nor copies them.
+            verdicts = [bool(correct[g, i]) if scored[g, i] else None for i in members]
             pairs = select_candidates(verdicts, a.n_pos, a.n_neg, a.m_max, rng)
             n_eligible += bool(pairs)
             for wrong, reference in pairs:
-                row = g * k + wrong - offset
+                row = g * k + members[wrong] - offset
                 if 0 <= row < n_local:
                     gold = batch.inputs[row].get("answer")
                     requests[row] = ConstructionRequest(prompt_text(batch.prompts[row]), batch.texts[row],
-                                                        batch.all_texts[g * k + reference],
+                                                        batch.all_texts[g * k + members[reference]],
                                                         None if gold is None else str(gold))
 
         rows = sorted(requests)
         trajectories: dict[int, TokenizedTrajectory] = {}  # local row -> its construction, when one was assembled
-        too_long = 0
+        rejections = Counter()  # reason -> count, this rank's
         try:
-            built = construct([requests[r] for r in rows], a.constructor, self._synthesis_generator())
+            built = construct([requests[r] for r in rows], a.constructor, self._synthesis_generator(), cut=a.cut,
+                              prefix_match=a.prefix_match, control=a.construction_control)
             for row, c in zip(rows, built, strict=True):
                 if c.trajectory is None:
+                    rejections[c.rejection] += 1
                     continue
-                ids, labels = label_tokens(self._tokenizer, c.trajectory, add_eos=True)
+                sampled = batch.completion_ids[row]
+                ids, labels = trajectory_token_ids(self._tokenizer, c.trajectory, sampled, self._terminator(sampled))
                 if len(ids) > a.ref_max_length:
-                    too_long += 1
+                    rejections[TOO_LONG] += 1
                     continue
                 trajectories[row] = TokenizedTrajectory(c.trajectory, ids, labels)
         except ConstructionError:
@@ -165,12 +179,19 @@ class TAPOTrainer(TrainerBase):
         for g, adv in enumerate(g_ref_advantages):
             advantages[g * k + grouped_accepted[g].nonzero().flatten()] = adv.to(advantages.dtype)
         accepted_local = accepted_global[offset : offset + n_local]
+        rejections[WRONG_ANSWER] += len(trajectories) - int(accepted_local.sum())
 
         self._store_constructed_rows(output, trajectories, accepted_local, advantages[offset : offset + n_local])
         self._log_construction_stats(
             n_groups=correct.shape[0], n_eligible=n_eligible, rows=rows, built=built, trajectories=trajectories,
-            accepted_local=accepted_local, too_long=too_long, correct=correct,
+            accepted_local=accepted_local, rejections=rejections, correct=correct,
+            n_blank=sum(k - len(members) for members in usable),
         )
+
+    def _terminator(self, sampled: list[int]) -> int:
+        """The token a rollout ended with when it is one of TRL's stop tokens (e.g. <|im_end|>), else (a rollout cut
+        at max_completion_length) the tokenizer's eos: a constructed row ends the way the policy's rollouts end."""
+        return sampled[-1] if sampled and sampled[-1] in self.eos_token_ids else self._tokenizer.eos_token_id
 
     def _store_constructed_rows(self, output: dict, trajectories: dict[int, TokenizedTrajectory], accepted: torch.Tensor,
                                 advantages: torch.Tensor) -> None:
@@ -235,10 +256,14 @@ class TAPOTrainer(TrainerBase):
             for m in padded
         ]
         prompt_ids = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompt_ids]
-        with self._generation_budget(self.args.synthesis_max_tokens):
+        budget = self.args.synthesis_max_tokens
+        with self._generation_budget(budget):
             completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, num_generations=1)
         texts = self._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return texts[: len(messages)]
+        stops = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        # Ran out of budget: as long as the budget and not ended by a stop token (TRL's clipped-completion test).
+        return [Truncated(text) if len(ids) >= budget and ids[-1] not in stops else text
+                for text, ids in zip(texts[: len(messages)], completion_ids[: len(messages)], strict=True)]
 
     def _construction_checkpoint(self, n: int = 0, error: Exception | None = None) -> int:
         """A point where all ranks agree during construction: returns the largest `n` over the ranks, or raises the
@@ -285,21 +310,23 @@ class TAPOTrainer(TrainerBase):
                 else:
                     setattr(obj, name, value)
 
-    def _log_construction_stats(self, *, n_groups, n_eligible, rows, built, trajectories, accepted_local, too_long, correct):
+    def _log_construction_stats(self, *, n_groups, n_eligible, rows, built, trajectories, accepted_local, rejections,
+                                correct, n_blank):
         metrics = self._metrics["train"]
-        attempted = len(rows)
-        parsed = sum(c.parsed for c in built)
-        assembled = sum(c.trajectory is not None for c in built)
-        accepted = int(accepted_local.sum())
-        counts = torch.tensor([attempted, parsed, assembled, accepted, too_long], dtype=torch.float32,
-                              device=self.accelerator.device)
-        attempted, parsed, assembled, accepted, too_long = gather(counts).view(-1, 5).sum(0).tolist()
+        # Counts summed over the ranks: attempted, parsed, accepted, truncated syntheses, then rejections by reason.
+        counts = [len(rows), sum(c.parsed for c in built), int(accepted_local.sum()), sum(c.truncated for c in built),
+                  *(rejections[reason] for reason in REJECTIONS)]
+        gathered = gather(torch.tensor(counts, dtype=torch.float32, device=self.accelerator.device))
+        attempted, parsed, accepted, truncated, *rejected = gathered.view(-1, len(counts)).sum(0).tolist()
         metrics["tapo/eligible_frac"].append(n_eligible / max(n_groups, 1))
         metrics["tapo/accuracy"].append(correct.float().mean().item())
+        metrics["tapo/blank_rollouts"].append(n_blank)  # counted over the global batch, the same on every rank
         metrics["tapo/constructions_attempted"].append(attempted)
         metrics["tapo/constructions_parsed"].append(parsed)
         metrics["tapo/constructions_accepted"].append(accepted)
-        metrics["tapo/constructions_too_long"].append(too_long)
+        metrics["tapo/synthesis_truncated"].append(truncated)
+        for reason, count in zip(REJECTIONS, rejected, strict=True):
+            metrics[f"tapo/rejected_{reason}"].append(count)
         metrics["tapo/parse_rate"].append(parsed / attempted if attempted else float("nan"))
         metrics["tapo/accept_rate"].append(accepted / attempted if attempted else float("nan"))
         # Means over the accepted constructions of all ranks: per-rank sums and counts, gathered like the counts above.

@@ -41,6 +41,7 @@ class ScoredBatch(NamedTuple):
     prompts: list  # this process's prompts (strings or chat messages)
     completions: list  # this process's completions, shaped like TRL's
     texts: list[str]  # this process's completion texts
+    completion_ids: list[list[int]]  # this process's completions as sampled: token ids up to and with the terminator
     all_texts: list[str]  # every process's completion texts, in global row order
     rewards: torch.Tensor  # (B_global,) weighted total reward per rollout
     correct: torch.Tensor  # (B_global,) bool: rewards >= correct_threshold
@@ -81,7 +82,7 @@ class TrainerBase(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._scored = (inputs, prompts, completions, rewards_per_func)
+        self._scored = (inputs, prompts, completions, completion_ids_list, rewards_per_func)
         return rewards_per_func
 
     def _total_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,13 @@ class TrainerBase(GRPOTrainer):
 
     def _scored_batch(self) -> ScoredBatch:
         """The generation batch TRL just scored (rewards are gathered by TRL; texts are gathered here)."""
-        inputs, prompts, completions, rewards_per_func = self._scored
+        inputs, prompts, completions, completion_ids, rewards_per_func = self._scored
         rewards = self._total_reward(rewards_per_func)
         texts = [completion_text(c) for c in completions]
         all_texts = gather_object(texts) if self.accelerator.num_processes > 1 else texts
-        return ScoredBatch(inputs, prompts, completions, texts, all_texts, rewards, rewards >= self.args.correct_threshold,
-                           ~rewards.isnan(), self.accelerator.process_index * len(prompts))
+        return ScoredBatch(inputs, prompts, completions, texts, [list(ids) for ids in completion_ids], all_texts, rewards,
+                           rewards >= self.args.correct_threshold, ~rewards.isnan(),
+                           self.accelerator.process_index * len(prompts))
 
     def _rescore(self, batch: ScoredBatch, texts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
         """(B_global,) weighted total reward of other texts for this process's rows (e.g. constructions), through TRL's

@@ -3,7 +3,8 @@
 Each problem has a right and a wrong step-by-step solution. The replacement for TRL's `_generate_single_turn` returns,
 for every group of K rollouts of a problem, `n_right` right solutions then wrong ones; for a synthesis prompt it
 returns a well-formed synthesis (copy up to the error, reflect, fix); for a prompt that names no problem (the filler a
-rank with fewer syntheses than the others generates, to stay in step with them) an empty completion.
+rank with fewer syntheses than the others generates, to stay in step with them) an empty completion. Like a real
+generator, it stops at the trainer's current generation budget (`max_new_tokens`, which synthesis raises).
 """
 
 import types
@@ -33,11 +34,23 @@ def synthesis_for(prompt: str) -> str:
     raise AssertionError("unexpected synthesis prompt")
 
 
+def one_token_per_char(tokenizer, text: str) -> list[int]:
+    """A non-canonical split a sampler can produce: every character its own token (bytes for non-ASCII)."""
+    return [i for char in text for i in tokenizer(char, add_special_tokens=False)["input_ids"]]
+
+
+def canonical(tokenizer, text: str) -> list[int]:
+    """The rollout as the tokenizer would encode it, ended by the tokenizer's eos."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def script_generation(trainer, n_right: int | dict[str, int] | None = None, pattern: str | None = None,
-                      synthesis=synthesis_for) -> None:
+                      synthesis=synthesis_for, encode=canonical) -> None:
     """Replace `trainer._generate_single_turn` with the scripted rollouts: per group of K, `n_right` right ones then
-    wrong ones (one count for every problem, or a count per problem), or member i right iff pattern[i] == "R".
-    Synthesis prompts are answered with `synthesis(prompt)`; a prompt naming no problem (padding) gets ""."""
+    wrong ones (one count for every problem, or a count per problem), or member i right iff pattern[i] == "R"
+    (wrong iff "W", blank, i.e. only the terminator, iff "B"). Rollouts are sampled as `encode(tokenizer, text)`
+    (terminator included). Synthesis prompts are answered with `synthesis(prompt)`; a prompt naming no problem
+    (padding) gets ""."""
     counts: dict[str, int] = {}
 
     def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -46,17 +59,18 @@ def script_generation(trainer, n_right: int | dict[str, int] | None = None, patt
             prompt = self._tokenizer.decode(ids)
             problem = next((p for p in PROBLEMS if p in prompt), None)
             if "<analysis>" in prompt:
-                text = synthesis(prompt)
+                sampled = canonical(self._tokenizer, synthesis(prompt))
             elif problem is None:
-                text = ""
+                sampled = canonical(self._tokenizer, "")
             else:
                 n = counts.get(problem, 0)
                 counts[problem] = n + 1
                 _, right, wrong = PROBLEMS[problem]
                 right_count = n_right[problem] if isinstance(n_right, dict) else n_right
                 problem_pattern = pattern or "R" * right_count + "W" * (K - right_count)
-                text = right if problem_pattern[n % len(problem_pattern)] == "R" else wrong
-            out.append(self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id])
+                text = {"R": right, "W": wrong, "B": ""}[problem_pattern[n % len(problem_pattern)]]
+                sampled = encode(self._tokenizer, text)
+            out.append(sampled[: self.generation_config.max_new_tokens])
         return out, None
 
     trainer._generate_single_turn = types.MethodType(generate, trainer)

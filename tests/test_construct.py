@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scripted import generation_batch, synthesis_for
-from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
+from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, Truncated, construct
 from tapo.core.verify import is_correct
 
 WRONG = "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"
@@ -49,7 +49,10 @@ class _ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _ChatHandler.seen.append((self.path, self.headers["Authorization"], body))
-        reply = {"choices": [{"message": {"content": synthesis_for(body["messages"][0]["content"])}}]}
+        # Like an endpoint whose budget is too small for the synthesis: it stops at max_tokens, finish_reason "length".
+        finish_reason = "length" if body["max_tokens"] < 32 else "stop"
+        reply = {"choices": [{"message": {"content": synthesis_for(body["messages"][0]["content"])},
+                              "finish_reason": finish_reason}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -70,12 +73,15 @@ def test_openai_compatible_teacher_against_a_local_server(monkeypatch):
         teacher = OpenAIChatGenerator(f"http://127.0.0.1:{server.server_port}/v1/", "teacher-model",
                                       api_key_env="TAPO_TEST_KEY", max_tokens=64, timeout_s=10)
         [built] = construct([REQUEST], "teacher", teacher)
+        teacher.max_tokens = 8
+        [cut_short] = construct([REQUEST], "teacher", teacher)
     finally:
         server.shutdown()
-    path, auth, body = _ChatHandler.seen[-1]
+    path, auth, body = _ChatHandler.seen[-2]
     assert path == "/v1/chat/completions" and auth == "Bearer secret"
     assert body["model"] == "teacher-model" and body["max_tokens"] == 64
-    assert built.parsed and is_correct(built.trajectory.text, "56")
+    assert built.parsed and is_correct(built.trajectory.text, "56") and not built.truncated
+    assert cut_short.truncated and _ChatHandler.seen[-1][2]["max_tokens"] == 8
 
 
 def test_unreachable_endpoint_is_a_failed_construction_not_a_crash():
@@ -91,6 +97,8 @@ def test_local_hf_teacher_generates_one_text_per_message(tiny_model_dir):
     teacher = HFGenerator(str(tiny_model_dir), max_new_tokens=4, temperature=0.0, batch_size=2)
     out = teacher(["a", "bb", "ccc"])
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    # The random model does not stop within 4 tokens (greedy, so the same every run): each output hit the budget.
+    assert all(isinstance(t, Truncated) for t in out)
 
 
 def test_local_hf_teacher_is_placed_on_the_given_device_in_eval_mode(tiny_model_dir):

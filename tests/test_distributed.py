@@ -88,7 +88,7 @@ def failing_on_rank0(trainer, case):
     if case == "self_raises_before_generation":
         import tapo.construct
 
-        def build_prompt(*args):
+        def build_prompt(*args, **kwargs):
             raise RuntimeError(RAISED)
 
         saved, tapo.construct.build_synthesis_prompt = tapo.construct.build_synthesis_prompt, build_prompt

@@ -38,6 +38,9 @@ def test_settings_are_the_ones_that_took_effect(tmp_path):
     assert tapo_off_ots["ots_enabled"] is False and "ots_low" not in tapo_off_ots and "teacher_model" not in tapo_off_ots
     teacher = method_settings(["TAPO"], config(constructor="teacher", teacher_model="Qwen/Qwen2.5-7B-Instruct"))
     assert teacher["teacher_model"] == "Qwen/Qwen2.5-7B-Instruct" and teacher["ots_high"] == 10.0
+    assert teacher["prefix_match"] == "strict" and teacher["cut"] == "before_error"
+    splice = method_settings(["TAPO"], config(constructor="splice", construction_control="no_prefix"))
+    assert splice["construction_control"] == "no_prefix" and "prefix_match" not in splice  # no synthesis to match
     opsd = method_settings(["OPSD"], config(opsd_divergence="forward_kl"))
     assert opsd["opsd_divergence"] == "forward_kl" and "opsd_jsd_beta" not in opsd and "n_pos" not in opsd
     assert method_settings(["OPSD"], config(opsd_divergence="jsd", opsd_jsd_beta=0.3))["opsd_jsd_beta"] == 0.3

@@ -113,7 +113,7 @@ def assert_all_finite(trainer, record):
                                                      "frac_reward_zero_std": 0.0, "tapo/constructions_attempted": 0.0}),
         # Constructions are dropped (never truncated: that would cut the verified final answer) and counted.
         ("constructions too long", "RRWW", {"ref_max_length": 8},
-         {"tapo/eligible_frac": 1.0, "tapo/constructions_attempted": 4.0, "tapo/constructions_too_long": 4.0,
+         {"tapo/eligible_frac": 1.0, "tapo/constructions_attempted": 4.0, "tapo/rejected_too_long": 4.0,
           "tapo/constructions_accepted": 0.0, "tapo/accept_rate": 0.0}),
     ],
 )

@@ -16,6 +16,8 @@ from tapo.core.tokens import (
     trajectory_token_ids,
 )
 
+from scripted import one_token_per_char
+
 P, R, C = PREFIX, REFLECTION, CORRECTION
 
 
@@ -116,11 +118,6 @@ def chat_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(), eos_token="<eos>")
     tokenizer.add_tokens(["<think>", "<|im_end|>", "<pad>"], special_tokens=True)
     return tokenizer
-
-
-def one_token_per_char(tokenizer, text: str) -> list[int]:
-    """A non-canonical split a sampler can produce: every character its own token (bytes for non-ASCII)."""
-    return [i for char in text for i in tokenizer(char, add_special_tokens=False)["input_ids"]]
 
 
 def test_prefix_reuses_a_non_canonical_sampled_split(chat_tokenizer):

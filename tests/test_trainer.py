@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from tapo.core.tokens import CORRECTION, PREFIX, REFLECTION, label_tokens
+from tapo.core.tokens import CORRECTION, PREFIX, REFLECTION, trajectory_token_ids
 from tapo.core.verify import math_reward
 from tapo.trainer import TAPOConfig, TAPOTrainer
 
@@ -35,7 +35,7 @@ def make_trainer(tiny_model_dir, tmp_path, cls=TAPOTrainer, **overrides):
                   max_completion_length=64, max_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1,
                   save_strategy="no", seed=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, loss_type="grpo")
     if config_cls is TAPOConfig:
-        kwargs.update(constructor="splice", n_pos=1, n_neg=2, m_max=2, synthesis_max_tokens=128)
+        kwargs.update(constructor="splice", n_pos=1, n_neg=2, m_max=2)
     kwargs.update(overrides)
     trainer = cls(model=model, reward_funcs=[math_reward], args=config_cls(**kwargs), train_dataset=dataset(),
                   processing_class=tokenizer)
@@ -47,12 +47,12 @@ def make_trainer(tiny_model_dir, tmp_path, cls=TAPOTrainer, **overrides):
 def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tmp_path, constructor, monkeypatch):
     labelled = []  # (ids, span labels) of every construction the trainer tokenizes
 
-    def recording_label_tokens(*args, **kwargs):
-        ids, labels = label_tokens(*args, **kwargs)
+    def recording_token_ids(*args, **kwargs):
+        ids, labels = trajectory_token_ids(*args, **kwargs)
         labelled.append((ids, labels))
         return ids, labels
 
-    monkeypatch.setattr("tapo.trainer.label_tokens", recording_label_tokens)
+    monkeypatch.setattr("tapo.trainer.trajectory_token_ids", recording_token_ids)
     trainer = make_trainer(tiny_model_dir, tmp_path, constructor=constructor)
     out = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in generation_batch(trainer).items()}
 

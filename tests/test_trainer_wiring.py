@@ -26,6 +26,8 @@ from scripted import COLUMNS, K, PROBLEMS, generation_batch, script_generation, 
 
 SQRT_1_3 = 0.57735027  # unbiased std of a group [1, 1, 0, 0]
 SQRT_4_14 = 0.53452248  # unbiased std of [1, 1, 0, 0] * 2 (pooled over the batch): sqrt(8 * 0.25 / 7)
+SQRT_4_15 = 0.51639778  # unbiased std of [1, 1, 0, 0, 1, 1]: sqrt((4/9 + 8/9) / 5)
+SQRT_24_99 = 0.49236596  # unbiased std of [1, 1, 0, 0, 1, 1] * 2: sqrt((8/9 + 16/9) / 11)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +45,7 @@ def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synt
     kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * len(pattern),
                   num_generations=len(pattern), max_completion_length=64, max_steps=1, learning_rate=1e-3,
                   report_to="none", logging_steps=1, save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True,
-                  loss_type="grpo", constructor="splice", n_pos=1, n_neg=2, m_max=2, synthesis_max_tokens=128)
+                  loss_type="grpo", constructor="splice", n_pos=1, n_neg=2, m_max=2)
     kwargs.update(overrides)
     rows = [{"prompt": [{"role": "user", "content": f"Compute {p}. Put the answer in \\boxed{{}}."}], "answer": gold}
             for p, (gold, _, _) in PROBLEMS.items()]
@@ -249,6 +251,11 @@ def test_old_logps_and_reference_branches_with_several_iterations_and_kl(tiny_mo
     ("ref", "group", 0.5 / (SQRT_1_3 + 1e-4), 0.0),
     ("ref", "batch", 0.5 / (SQRT_4_14 + 1e-4), 0.0),
     ("ref", "none", 0.5, 0.0),
+    # U = the group with its two accepted constructions, [1, 1, 0, 0, 1, 1]: mean 2/3, unbiased std sqrt(4/15); the
+    # "batch" std pools both unions (8 ones, 4 zeros): sqrt((8/9 + 16/9) / 11).
+    ("union", "group", 0.5 / (SQRT_1_3 + 1e-4), (1 / 3) / (SQRT_4_15 + 1e-4)),
+    ("union", "batch", 0.5 / (SQRT_4_14 + 1e-4), (1 / 3) / (SQRT_24_99 + 1e-4)),
+    ("union", "none", 0.5, 1 / 3),
 ])
 def test_constructed_advantages_follow_ref_baseline_and_scale_rewards(tiny_model_dir, tmp_path, ref_baseline, scale,
                                                                       original, constructed):
