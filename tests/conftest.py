@@ -36,3 +36,15 @@ def smollm2_dir():
             mp.setenv("TAPO_CACHE", _USER_TAPO_CACHE)
         shared_cache = default_cache_dir()
     return resolve_model(DEFAULT_MODEL, cache_dir=shared_cache)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run several times faster on one torch thread on a busy 2-core machine (use it module-wide with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -10,7 +10,9 @@ from tapo.config import EMBEDDED_DEFAULTS, TAPOConfig
 from tapo.core.synthesis import REJECTIONS
 
 from scripted import COLUMNS, PROBLEMS, generation_batch, one_token_per_char, script_generation, synthesis_for
-from test_trainer_wiring import SQRT_1_3, make_trainer, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from test_trainer_wiring import SQRT_1_3, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DAE_ORIG = 0.5 / (SQRT_1_3 + 1e-4)  # a construction (reward 1) against its group [1, 1, 0, 0], ref_baseline="orig"
 

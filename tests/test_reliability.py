@@ -43,13 +43,7 @@ PROBLEMS = {  # problem: (gold, right rollout, wrong rollout)
 TIME_KEYS = {"time", "step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on a busy 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(model_dir, out_dir, pattern="RRWW", synthesis="", **overrides):

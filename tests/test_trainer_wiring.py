@@ -30,13 +30,7 @@ SQRT_4_15 = 0.51639778  # unbiased std of [1, 1, 0, 0, 1, 1]: sqrt((4/9 + 8/9) /
 SQRT_24_99 = 0.49236596  # unbiased std of [1, 1, 0, 0, 1, 1] * 2: sqrt((8/9 + 16/9) / 11)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on a busy 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synthesis_for, **overrides):
