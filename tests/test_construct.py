@@ -2,6 +2,7 @@
 (against a real HTTP server on 127.0.0.1), plus the trainer's teacher wiring."""
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -44,11 +45,13 @@ def test_writer_constructors_batch_one_call_and_report_unparsed_outputs():
 
 class _ChatHandler(BaseHTTPRequestHandler):
     seen: list = []
+    null_content = False  # reply with "content": null, as some endpoints do for an empty answer
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _ChatHandler.seen.append((self.path, self.headers["Authorization"], body))
-        reply = {"choices": [{"message": {"content": synthesis_for(body["messages"][0]["content"])}}]}
+        _ChatHandler.seen.append((self.path, self.headers["Authorization"], body, self.headers["Content-Type"]))
+        content = None if self.null_content else synthesis_for(body["messages"][0]["content"])
+        reply = {"choices": [{"message": {"content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -71,10 +74,41 @@ def test_openai_compatible_teacher_against_a_local_server(monkeypatch):
         [built] = construct([REQUEST], "teacher", teacher)
     finally:
         server.shutdown()
-    path, auth, body = _ChatHandler.seen[-1]
-    assert path == "/v1/chat/completions" and auth == "Bearer secret"
-    assert body["model"] == "teacher-model" and body["max_tokens"] == 64
+    path, auth, body, content_type = _ChatHandler.seen[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer secret" and content_type == "application/json"
+    assert body == {"model": "teacher-model", "messages": [{"role": "user", "content": body["messages"][0]["content"]}],
+                    "max_tokens": 64, "temperature": 0.7}
+    assert "23 + 45 - 12" in body["messages"][0]["content"]
     assert built.parsed and is_correct(built.trajectory.text, "56")
+
+
+def test_openai_teacher_defaults_and_a_null_answer(monkeypatch):
+    """Defaults: the key comes from OPENAI_API_KEY (none set: an empty bearer token, not "None"), 1024 tokens at
+    temperature 0.7. A null answer is an empty synthesis text (unparsed), not a crash."""
+    server = HTTPServer(("127.0.0.1", 0), type("NullChat", (_ChatHandler,), {"null_content": True}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        monkeypatch.setenv("OPENAI_API_KEY", "from-default-env")
+        [built] = construct([REQUEST], "teacher", OpenAIChatGenerator(url, "m"))
+        _, auth, body, _ = _ChatHandler.seen[-1]
+        assert auth == "Bearer from-default-env" and body["max_tokens"] == 1024 and body["temperature"] == 0.7
+        assert not built.parsed and built.raw == ""
+        monkeypatch.delenv("OPENAI_API_KEY")
+        OpenAIChatGenerator(url, "m")(["hi"])
+        assert _ChatHandler.seen[-1][1] == "Bearer "
+    finally:
+        server.shutdown()
+
+
+def test_a_silent_endpoint_fails_the_construction_after_timeout_s():
+    """An endpoint that accepts the connection but never answers must not hang training: timeout_s bounds it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel completes the handshake; nobody ever reads or replies
+        teacher = OpenAIChatGenerator(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "m", timeout_s=0.5)
+        [built] = construct([REQUEST], "teacher", teacher)
+    assert not built.parsed and built.raw.startswith("[teacher request failed")
 
 
 def test_unreachable_endpoint_is_a_failed_construction_not_a_crash():
