@@ -12,6 +12,10 @@
 # missing test.
 set -euo pipefail
 
+# mutmut forks a worker per mutant from a process that already ran torch: with a multi-threaded OpenMP pool the forked
+# child spins forever in the first torch op (every mutant then "times out"). One thread per worker avoids that.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SCRATCH_ROOT=${MUTATION_DIR:-/tmp/tapo-mutation}
 JOBS=${MUTATION_JOBS:-2}
