@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 
 from scripted import generation_batch, synthesis_for
 from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, construct
@@ -22,6 +23,17 @@ def test_splice_needs_no_generator_and_builds_a_correct_trajectory():
     assert built.parsed and built.raw is None
     prefix, reflection, _ = built.trajectory.parts()
     assert WRONG.startswith(prefix) and "wrong" in reflection.lower() and is_correct(built.trajectory.text, "56")
+
+
+def test_splice_appends_the_gold_answer_when_the_reference_states_none():
+    unboxed = ConstructionRequest("23 + 45 - 12", WRONG, "23 + 45 = 68\n68 - 12 = 56", "56")
+    [built] = construct([unboxed], "splice")
+    assert built.trajectory.text.endswith("\\boxed{56}.") and is_correct(built.trajectory.text, "56")
+
+
+def test_a_writer_returning_the_wrong_number_of_texts_is_an_error():
+    with pytest.raises(ValueError):
+        construct([REQUEST, REQUEST], "teacher", lambda messages: [synthesis_for(messages[0])])
 
 
 def test_writer_constructors_batch_one_call_and_report_unparsed_outputs():
@@ -124,6 +136,33 @@ def test_local_hf_teacher_generates_one_text_per_message(tiny_model_dir):
     teacher = HFGenerator(str(tiny_model_dir), max_new_tokens=4, temperature=0.0, batch_size=2)
     out = teacher(["a", "bb", "ccc"])
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
+
+
+def test_local_hf_teacher_prompts_and_sampling_settings(tiny_model_dir, monkeypatch):
+    """What the HF teacher feeds `generate`: each message as one user turn of the chat template with the assistant
+    header and no added special tokens; greedy at temperature 0, sampling at the given temperature otherwise; the
+    pad token; and it decodes only the new tokens, without special tokens."""
+    teacher = HFGenerator(str(tiny_model_dir), max_new_tokens=3, temperature=0.0, batch_size=2)
+    tok, real_generate, seen = teacher.tokenizer, teacher.model.generate, []
+
+    def generate(**kwargs):
+        seen.append(kwargs)
+        ids = real_generate(**kwargs)
+        return torch.cat([ids, torch.full((ids.shape[0], 1), tok.eos_token_id)], dim=1)  # end with a special token
+
+    monkeypatch.setattr(teacher.model, "generate", generate)
+    messages = ["a", "bb", "ccc"]
+    out = teacher(messages)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+               for m in messages]
+    fed = [ids[mask.bool()].tolist() for kw in seen for ids, mask in zip(kw["input_ids"], kw["attention_mask"])]
+    assert fed == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [(kw["max_new_tokens"], kw["do_sample"], kw["temperature"], kw["pad_token_id"]) for kw in seen] == \
+        [(3, False, None, tok.pad_token_id)] * 2
+    assert len(out) == 3 and not any(tok.eos_token in t for t in out)
+    teacher.temperature = 0.7
+    teacher(["a"])
+    assert (seen[-1]["do_sample"], seen[-1]["temperature"]) == (True, 0.7)
 
 
 def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):
