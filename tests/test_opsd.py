@@ -167,12 +167,20 @@ def test_reference_source_setting(tiny_model_dir, tmp_path, reference, solutions
     assert not any("GOLD-SOLUTION" in t for t in teachers) or expected == "GOLD-SOLUTION"
 
 
-def test_loss_is_grpo_plus_weighted_divergence_and_is_logged(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tmp_path, opsd_weight=0.5, opsd_divergence="jsd")
+def test_loss_is_grpo_plus_weighted_divergence_and_is_logged(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tmp_path, opsd_weight=0.5, opsd_divergence="jsd", opsd_jsd_beta=0.25)
     out = generation_batch(trainer)
+    used = []  # (kind, beta) the loss asked for, with token_divergence's own defaults for what it leaves out
+
+    def spy(student, teacher, mask, kind="reverse_kl", jsd_beta=0.5):
+        used.append((kind, jsd_beta))
+        return token_divergence(student, teacher, mask, kind, jsd_beta)
+
+    monkeypatch.setattr("tapo.opsd.token_divergence", spy)
     with torch.no_grad():
         total = trainer.compute_loss(trainer.model, out)
         grpo = TAPOTrainer._compute_loss(trainer, trainer.model, out)
+    assert used == [("jsd", 0.25)]
     metrics = trainer._metrics["train"]
     opsd, divergence = metrics["opsd/loss"][-1], metrics["opsd/divergence"][-1]
     assert math.isfinite(total.item()) and opsd > 0
@@ -180,6 +188,11 @@ def test_loss_is_grpo_plus_weighted_divergence_and_is_logged(tiny_model_dir, tmp
     assert metrics["opsd/loss_grpo"][-1] == pytest.approx(grpo.item(), abs=1e-7)
     # One micro-batch holding the whole generation batch: the normalized loss is the token-mean divergence.
     assert opsd == pytest.approx(divergence, rel=1e-5)
+    # A micro-batch in which no row has a teacher: L_OPSD = 0 and the logged divergence is NaN (no tokens), no error.
+    out["opsd_mask_rows"] = torch.zeros_like(out["opsd_mask_rows"])
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, out).item() == pytest.approx(grpo.item(), abs=1e-7)
+    assert metrics["opsd/loss"][-1] == 0 and math.isnan(metrics["opsd/divergence"][-1])
 
 
 def test_opsd_weight_zero_gives_the_grpo_loss(tiny_model_dir, tmp_path):
