@@ -45,6 +45,11 @@ def test_divergence_matches_hand_computed_value(kind, beta, expected):
     torch.testing.assert_close(out, torch.tensor([expected, 0.0]), atol=1e-6, rtol=1e-5)
 
 
+def test_default_divergence_is_reverse_kl():
+    torch.testing.assert_close(token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL),
+                               token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "reverse_kl"))
+
+
 def test_hand_values_are_distinct():
     # The cases above could not pass with one formula standing in for another.
     assert FORWARD == pytest.approx(0.2231436, abs=1e-6) and REVERSE == pytest.approx(0.1927446, abs=1e-6)
@@ -79,8 +84,9 @@ def test_forward_kl_gradient_is_student_minus_teacher_probabilities():
 def test_jsd_half_is_symmetric_and_bad_arguments_fail():
     a = token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "jsd")
     torch.testing.assert_close(a, token_divergence(TEACHER_LOGITS, STUDENT_LOGITS, ALL, "jsd"))
-    with pytest.raises(ValueError, match="jsd_beta"):
-        token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "jsd", jsd_beta=1.0)
+    for beta in (0.0, 1.0):  # a one-sided mixture is not a JSD
+        with pytest.raises(ValueError, match="jsd_beta"):
+            token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "jsd", jsd_beta=beta)
     with pytest.raises(ValueError, match="choose one of"):
         token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "kl")
     with pytest.raises(ValueError, match="shapes"):
