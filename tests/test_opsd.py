@@ -266,13 +266,15 @@ def test_bad_settings_fail_at_construction(tiny_model_dir, tmp_path):
         make_trainer(tiny_model_dir, tmp_path, opsd_include_grpo=False, tapo_enabled=True)
 
 
-def test_non_finite_opsd_term_stops_before_backward(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("include_grpo", [True, False])
+def test_non_finite_opsd_term_stops_before_backward(tiny_model_dir, tmp_path, include_grpo):
     from tapo.trainer import NonFiniteLossError
 
-    trainer = make_trainer(tiny_model_dir, tmp_path)
+    trainer = make_trainer(tiny_model_dir, tmp_path, opsd_include_grpo=include_grpo)
     out = generation_batch(trainer)
     trainer._opsd_loss = lambda model, inputs: torch.tensor(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="L_OPSD=nan"):
+    # The message names every term of the loss: the GRPO term only when it is part of it.
+    with pytest.raises(NonFiniteLossError, match=r"\(L_GRPO=[-0-9.e]+, L_OPSD=nan\)" if include_grpo else r"\(L_OPSD=nan\)"):
         trainer.compute_loss(trainer.model, out)
 
 
