@@ -164,6 +164,36 @@ def test_teacher_prompts_hold_a_correct_sibling(tiny_model_dir, tmp_path):
     assert out["opsd_num_items"] == out["completion_mask"].sum()  # every row has a teacher
 
 
+def test_sibling_draws_depend_on_seed_generation_and_row_only(tiny_model_dir, tmp_path, monkeypatch):
+    """With several correct siblings the draw matters. It must not read the global random state (so it is
+    reproducible whatever else ran), and a new generation draws again."""
+    import tapo.opsd
+
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    script_generation(trainer, n_right=3)
+    drawn = []  # per row: which member of the group was drawn as the sibling (the scripted right texts are identical)
+
+    def spy(index, correct, texts, solution, answer, order, rng=None):
+        labels = [f"member {j}" for j in range(len(texts))]
+        source, text = choose_reference(index, correct, labels, solution, answer, order, rng)
+        drawn.append(text)
+        return (source, texts[labels.index(text)]) if source == "sibling" else (source, text)
+
+    monkeypatch.setattr(tapo.opsd, "choose_reference", spy)
+
+    def draws(global_seed):
+        random.seed(global_seed)
+        drawn.clear()
+        generation_batch(trainer)
+        return list(drawn)
+
+    first = draws(1)
+    assert len(first) == 2 * K and all(d.startswith("member") for d in first)
+    assert draws(2) == first
+    trainer._step += trainer.args.steps_per_generation * trainer.num_iterations  # the next generation
+    assert draws(1) != first
+
+
 @pytest.mark.parametrize(("reference", "solutions", "expected"), [
     ("solution", True, "GOLD-SOLUTION"), ("solution", False, "The final answer is"), ("answer", True, "The final answer is")])
 def test_reference_source_setting(tiny_model_dir, tmp_path, reference, solutions, expected):
