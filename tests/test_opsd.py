@@ -194,6 +194,22 @@ def test_sibling_draws_depend_on_seed_generation_and_row_only(tiny_model_dir, tm
     assert draws(1) != first
 
 
+def test_a_row_without_any_reference_keeps_its_prompt_and_gets_no_opsd_term(tiny_model_dir, tmp_path, monkeypatch):
+    import tapo.opsd
+
+    monkeypatch.setitem(tapo.opsd.REFERENCE_ORDER, "sibling", ("sibling",))  # no fallback to the gold answer
+    trainer = make_trainer(tiny_model_dir, tmp_path)  # one correct rollout per group: it has no correct sibling
+    out = generation_batch(trainer)
+    tok = trainer._tokenizer
+    completions = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    alone = [any(f"boxed{{{gold}}}" in c for gold, _, _ in PROBLEMS.values()) for c in completions]
+    assert sum(alone) == 2 and out["opsd_mask_rows"].tolist() == [not a for a in alone]
+    teachers = tok.batch_decode(out["opsd_teacher_prompt_ids"], skip_special_tokens=True)
+    students = tok.batch_decode(out["prompt_ids"], skip_special_tokens=True)
+    assert all((t == s) == a for t, s, a in zip(teachers, students, alone, strict=True))
+    assert out["opsd_num_items"] == out["completion_mask"][~torch.tensor(alone)].sum()
+
+
 @pytest.mark.parametrize(("reference", "solutions", "expected"), [
     ("solution", True, "GOLD-SOLUTION"), ("solution", False, "The final answer is"), ("answer", True, "The final answer is")])
 def test_reference_source_setting(tiny_model_dir, tmp_path, reference, solutions, expected):
