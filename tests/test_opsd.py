@@ -162,6 +162,12 @@ def test_teacher_prompts_hold_a_correct_sibling(tiny_model_dir, tmp_path):
     metrics = trainer._metrics["train"]
     assert metrics["opsd/reference_sibling_frac"] == [0.75] and metrics["opsd/reference_answer_frac"] == [0.25]
     assert out["opsd_num_items"] == out["completion_mask"].sum()  # every row has a teacher
+    # Left-padded like TRL's prompts, so that every teacher prompt ends right where the completion starts.
+    mask, n_real = out["opsd_teacher_prompt_mask"], out["opsd_teacher_prompt_mask"].sum(1)
+    assert (n_real < mask.shape[1]).any()
+    for ids, row_mask, n in zip(out["opsd_teacher_prompt_ids"], mask, n_real.tolist(), strict=True):
+        assert row_mask.tolist() == [0] * (len(row_mask) - n) + [1] * n
+        assert ids[: len(ids) - n].tolist() == [tok.pad_token_id] * (len(ids) - n)
 
 
 def test_sibling_draws_depend_on_seed_generation_and_row_only(tiny_model_dir, tmp_path, monkeypatch):
