@@ -168,6 +168,7 @@ def test_teacher_prompts_hold_a_correct_sibling(tiny_model_dir, tmp_path):
     for ids, row_mask, n in zip(out["opsd_teacher_prompt_ids"], mask, n_real.tolist(), strict=True):
         assert row_mask.tolist() == [0] * (len(row_mask) - n) + [1] * n
         assert ids[: len(ids) - n].tolist() == [tok.pad_token_id] * (len(ids) - n)
+    assert metrics["opsd/teacher_prompt_tokens"] == [pytest.approx(n_real.float().mean().item())]
 
 
 def test_sibling_draws_depend_on_seed_generation_and_row_only(tiny_model_dir, tmp_path, monkeypatch):
