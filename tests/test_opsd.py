@@ -110,8 +110,16 @@ def test_reference_falls_back_to_solution_then_answer():
     assert choose_reference(0, correct, texts, "gold steps", "5") == ("solution", "gold steps")
     assert choose_reference(0, correct, texts, "  ", "5") == ("answer", "The final answer is \\boxed{5}.")
     assert choose_reference(0, correct, texts, None, None) == (None, None)
+    assert choose_reference(0, correct, texts, " ", " ") == (None, None)  # blank solution and answer count as missing
     assert choose_reference(1, correct, texts, "gold", "5", order=("answer",)) == ("answer", "The final answer is \\boxed{5}.")
     assert choose_reference(1, correct, texts, "gold", "5", order=("solution", "answer")) == ("solution", "gold")
+
+
+def test_opsd_tokens_are_the_sampled_completion_tokens_of_rows_with_a_teacher():
+    inputs = {"completion_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "opsd_mask_rows": torch.tensor([True, False])}
+    assert OPSDTrainer._opsd_token_mask(inputs).tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+    inputs["tool_mask"] = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])  # tokens a tool wrote are not the student's
+    assert OPSDTrainer._opsd_token_mask(inputs).tolist() == [[1, 0, 1, 0], [0, 0, 0, 0]]
 
 
 def test_teacher_prompt_puts_the_reference_before_the_problem():
@@ -120,6 +128,9 @@ def test_teacher_prompt_puts_the_reference_before_the_problem():
     assert out[0] == chat[0] and chat[1]["content"] == "Compute 2+2."  # input untouched
     assert out[1]["role"] == "user" and out[1]["content"].startswith("Here is a reference solution")
     assert "2+2=4, \\boxed{4}\n\nNow solve the problem yourself.\n\nCompute 2+2." in out[1]["content"]
+    # Messages after the last user turn (an assistant prefix) stay as they are, after it.
+    prefilled = [*chat, {"role": "assistant", "content": "Let me think."}]
+    assert teacher_prompt(prefilled, "ref")[::2] == prefilled[::2] and len(teacher_prompt(prefilled, "ref")) == 3
     assert teacher_prompt("Q: {x}?", "{ref}").endswith("{ref}\n\nNow solve the problem yourself.\n\nQ: {x}?")
 
 
@@ -313,6 +324,11 @@ def test_bad_settings_fail_at_construction(tiny_model_dir, tmp_path):
         make_trainer(tiny_model_dir, tmp_path, opsd_divergence="kl")
     with pytest.raises(ValueError, match="opsd_reference"):
         make_trainer(tiny_model_dir, tmp_path, opsd_reference="teacher")
+    for beta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="opsd_jsd_beta"):
+            make_trainer(tiny_model_dir, tmp_path, opsd_divergence="jsd", opsd_jsd_beta=beta)
+    OPSDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", opsd_divergence="reverse_kl",
+               opsd_jsd_beta=1.0)  # beta is a jsd setting only
     with pytest.raises(ValueError, match="no loss"):
         make_trainer(tiny_model_dir, tmp_path, opsd_include_grpo=False, opsd_weight=0.0)
     with pytest.raises(ValueError, match="tapo_enabled"):
