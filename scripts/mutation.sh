@@ -29,7 +29,7 @@ declare -A TESTS_FOR=(
   [tapo/opsd.py]="tests/test_opsd.py"
   [tapo/trainer.py]="tests/test_trainer.py tests/test_trainer_wiring.py tests/test_reliability.py tests/test_microbatch.py"
   [tapo/trainer_base.py]="tests/test_reliability.py tests/test_trainer_wiring.py tests/test_trainer.py tests/test_opsd.py"
-  [tapo/evaluation/metrics.py]="tests/test_eval_metrics.py"
+  [tapo/evaluation/metrics.py]="tests/test_eval_metrics.py tests/test_eval_run.py"
 )
 
 # A test that runs `tapo train` in a child process: under mutmut the child imports the mutated tree and fails looking
