@@ -2,6 +2,7 @@
 (against a real HTTP server on 127.0.0.1), plus the trainer's teacher wiring."""
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -22,6 +23,17 @@ def test_splice_needs_no_generator_and_builds_a_correct_trajectory():
     assert built.parsed and built.raw is None
     prefix, reflection, _ = built.trajectory.parts()
     assert WRONG.startswith(prefix) and "wrong" in reflection.lower() and is_correct(built.trajectory.text, "56")
+
+
+def test_splice_appends_the_gold_answer_when_the_reference_states_none():
+    unboxed = ConstructionRequest("23 + 45 - 12", WRONG, "23 + 45 = 68\n68 - 12 = 56", "56")
+    [built] = construct([unboxed], "splice")
+    assert built.trajectory.text.endswith("\\boxed{56}.") and is_correct(built.trajectory.text, "56")
+
+
+def test_a_writer_returning_the_wrong_number_of_texts_is_an_error():
+    with pytest.raises(ValueError):
+        construct([REQUEST, REQUEST], "teacher", lambda messages: [synthesis_for(messages[0])])
 
 
 def test_writer_constructors_batch_one_call_and_report_unparsed_outputs():
@@ -45,14 +57,15 @@ def test_writer_constructors_batch_one_call_and_report_unparsed_outputs():
 
 class _ChatHandler(BaseHTTPRequestHandler):
     seen: list = []
+    null_content = False  # reply with "content": null, as some endpoints do for an empty answer
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _ChatHandler.seen.append((self.path, self.headers["Authorization"], body))
+        _ChatHandler.seen.append((self.path, self.headers["Authorization"], body, self.headers["Content-Type"]))
         # Like an endpoint whose budget is too small for the synthesis: it stops at max_tokens, finish_reason "length".
         finish_reason = "length" if body["max_tokens"] < 32 else "stop"
-        reply = {"choices": [{"message": {"content": synthesis_for(body["messages"][0]["content"])},
-                              "finish_reason": finish_reason}]}
+        content = None if self.null_content else synthesis_for(body["messages"][0]["content"])
+        reply = {"choices": [{"message": {"content": content}, "finish_reason": finish_reason}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -77,11 +90,42 @@ def test_openai_compatible_teacher_against_a_local_server(monkeypatch):
         [cut_short] = construct([REQUEST], "teacher", teacher)
     finally:
         server.shutdown()
-    path, auth, body = _ChatHandler.seen[-2]
-    assert path == "/v1/chat/completions" and auth == "Bearer secret"
-    assert body["model"] == "teacher-model" and body["max_tokens"] == 64
+    path, auth, body, content_type = _ChatHandler.seen[-2]
+    assert path == "/v1/chat/completions" and auth == "Bearer secret" and content_type == "application/json"
+    assert body == {"model": "teacher-model", "messages": [{"role": "user", "content": body["messages"][0]["content"]}],
+                    "max_tokens": 64, "temperature": 0.7}
+    assert "23 + 45 - 12" in body["messages"][0]["content"]
     assert built.parsed and is_correct(built.trajectory.text, "56") and not built.truncated
     assert cut_short.truncated and _ChatHandler.seen[-1][2]["max_tokens"] == 8
+
+
+def test_openai_teacher_defaults_and_a_null_answer(monkeypatch):
+    """Defaults: the key comes from OPENAI_API_KEY (none set: an empty bearer token, not "None"), 1024 tokens at
+    temperature 0.7. A null answer is an empty synthesis text (unparsed), not a crash."""
+    server = HTTPServer(("127.0.0.1", 0), type("NullChat", (_ChatHandler,), {"null_content": True}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        monkeypatch.setenv("OPENAI_API_KEY", "from-default-env")
+        [built] = construct([REQUEST], "teacher", OpenAIChatGenerator(url, "m"))
+        _, auth, body, _ = _ChatHandler.seen[-1]
+        assert auth == "Bearer from-default-env" and body["max_tokens"] == 1024 and body["temperature"] == 0.7
+        assert not built.parsed and built.raw == ""
+        monkeypatch.delenv("OPENAI_API_KEY")
+        OpenAIChatGenerator(url, "m")(["hi"])
+        assert _ChatHandler.seen[-1][1] == "Bearer "
+    finally:
+        server.shutdown()
+
+
+def test_a_silent_endpoint_fails_the_construction_after_timeout_s():
+    """An endpoint that accepts the connection but never answers must not hang training: timeout_s bounds it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel completes the handshake; nobody ever reads or replies
+        teacher = OpenAIChatGenerator(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "m", timeout_s=0.5)
+        [built] = construct([REQUEST], "teacher", teacher)
+    assert not built.parsed and built.raw.startswith("[teacher request failed")
 
 
 def test_unreachable_endpoint_is_a_failed_construction_not_a_crash():
@@ -108,6 +152,33 @@ def test_local_hf_teacher_is_placed_on_the_given_device_in_eval_mode(tiny_model_
     assert {p.device.type for p in params} == {device.type} and {p.dtype for p in params} == {torch.float16}
     assert not teacher.model.training and not any(p.requires_grad for p in params)
     assert len(teacher(["a"])) == 1  # generates where it lives
+
+
+def test_local_hf_teacher_prompts_and_sampling_settings(tiny_model_dir, monkeypatch):
+    """What the HF teacher feeds `generate`: each message as one user turn of the chat template with the assistant
+    header and no added special tokens; greedy at temperature 0, sampling at the given temperature otherwise; the
+    pad token; and it decodes only the new tokens, without special tokens."""
+    teacher = HFGenerator(str(tiny_model_dir), max_new_tokens=3, temperature=0.0, batch_size=2)
+    tok, real_generate, seen = teacher.tokenizer, teacher.model.generate, []
+
+    def generate(**kwargs):
+        seen.append(kwargs)
+        ids = real_generate(**kwargs)
+        return torch.cat([ids, torch.full((ids.shape[0], 1), tok.eos_token_id)], dim=1)  # end with a special token
+
+    monkeypatch.setattr(teacher.model, "generate", generate)
+    messages = ["a", "bb", "ccc"]
+    out = teacher(messages)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+               for m in messages]
+    fed = [ids[mask.bool()].tolist() for kw in seen for ids, mask in zip(kw["input_ids"], kw["attention_mask"])]
+    assert fed == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [(kw["max_new_tokens"], kw["do_sample"], kw["temperature"], kw["pad_token_id"]) for kw in seen] == \
+        [(3, False, None, tok.pad_token_id)] * 2
+    assert len(out) == 3 and not any(tok.eos_token in t for t in out)
+    teacher.temperature = 0.7
+    teacher(["a"])
+    assert (seen[-1]["do_sample"], seen[-1]["temperature"]) == (True, 0.7)
 
 
 def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):

@@ -45,6 +45,11 @@ def test_divergence_matches_hand_computed_value(kind, beta, expected):
     torch.testing.assert_close(out, torch.tensor([expected, 0.0]), atol=1e-6, rtol=1e-5)
 
 
+def test_default_divergence_is_reverse_kl():
+    torch.testing.assert_close(token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL),
+                               token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "reverse_kl"))
+
+
 def test_hand_values_are_distinct():
     # The cases above could not pass with one formula standing in for another.
     assert FORWARD == pytest.approx(0.2231436, abs=1e-6) and REVERSE == pytest.approx(0.1927446, abs=1e-6)
@@ -79,8 +84,9 @@ def test_forward_kl_gradient_is_student_minus_teacher_probabilities():
 def test_jsd_half_is_symmetric_and_bad_arguments_fail():
     a = token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "jsd")
     torch.testing.assert_close(a, token_divergence(TEACHER_LOGITS, STUDENT_LOGITS, ALL, "jsd"))
-    with pytest.raises(ValueError, match="jsd_beta"):
-        token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "jsd", jsd_beta=1.0)
+    for beta in (0.0, 1.0):  # a one-sided mixture is not a JSD
+        with pytest.raises(ValueError, match="jsd_beta"):
+            token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "jsd", jsd_beta=beta)
     with pytest.raises(ValueError, match="choose one of"):
         token_divergence(STUDENT_LOGITS, TEACHER_LOGITS, ALL, "kl")
     with pytest.raises(ValueError, match="shapes"):
@@ -104,8 +110,16 @@ def test_reference_falls_back_to_solution_then_answer():
     assert choose_reference(0, correct, texts, "gold steps", "5") == ("solution", "gold steps")
     assert choose_reference(0, correct, texts, "  ", "5") == ("answer", "The final answer is \\boxed{5}.")
     assert choose_reference(0, correct, texts, None, None) == (None, None)
+    assert choose_reference(0, correct, texts, " ", " ") == (None, None)  # blank solution and answer count as missing
     assert choose_reference(1, correct, texts, "gold", "5", order=("answer",)) == ("answer", "The final answer is \\boxed{5}.")
     assert choose_reference(1, correct, texts, "gold", "5", order=("solution", "answer")) == ("solution", "gold")
+
+
+def test_opsd_tokens_are_the_sampled_completion_tokens_of_rows_with_a_teacher():
+    inputs = {"completion_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "opsd_mask_rows": torch.tensor([True, False])}
+    assert OPSDTrainer._opsd_token_mask(inputs).tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+    inputs["tool_mask"] = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])  # tokens a tool wrote are not the student's
+    assert OPSDTrainer._opsd_token_mask(inputs).tolist() == [[1, 0, 1, 0], [0, 0, 0, 0]]
 
 
 def test_teacher_prompt_puts_the_reference_before_the_problem():
@@ -114,6 +128,9 @@ def test_teacher_prompt_puts_the_reference_before_the_problem():
     assert out[0] == chat[0] and chat[1]["content"] == "Compute 2+2."  # input untouched
     assert out[1]["role"] == "user" and out[1]["content"].startswith("Here is a reference solution")
     assert "2+2=4, \\boxed{4}\n\nNow solve the problem yourself.\n\nCompute 2+2." in out[1]["content"]
+    # Messages after the last user turn (an assistant prefix) stay as they are, after it.
+    prefilled = [*chat, {"role": "assistant", "content": "Let me think."}]
+    assert teacher_prompt(prefilled, "ref")[::2] == prefilled[::2] and len(teacher_prompt(prefilled, "ref")) == 3
     assert teacher_prompt("Q: {x}?", "{ref}").endswith("{ref}\n\nNow solve the problem yourself.\n\nQ: {x}?")
 
 
@@ -156,6 +173,59 @@ def test_teacher_prompts_hold_a_correct_sibling(tiny_model_dir, tmp_path):
     metrics = trainer._metrics["train"]
     assert metrics["opsd/reference_sibling_frac"] == [0.75] and metrics["opsd/reference_answer_frac"] == [0.25]
     assert out["opsd_num_items"] == out["completion_mask"].sum()  # every row has a teacher
+    # Left-padded like TRL's prompts, so that every teacher prompt ends right where the completion starts.
+    mask, n_real = out["opsd_teacher_prompt_mask"], out["opsd_teacher_prompt_mask"].sum(1)
+    assert (n_real < mask.shape[1]).any()
+    for ids, row_mask, n in zip(out["opsd_teacher_prompt_ids"], mask, n_real.tolist(), strict=True):
+        assert row_mask.tolist() == [0] * (len(row_mask) - n) + [1] * n
+        assert ids[: len(ids) - n].tolist() == [tok.pad_token_id] * (len(ids) - n)
+    assert metrics["opsd/teacher_prompt_tokens"] == [pytest.approx(n_real.float().mean().item())]
+
+
+def test_sibling_draws_depend_on_seed_generation_and_row_only(tiny_model_dir, tmp_path, monkeypatch):
+    """With several correct siblings the draw matters. It must not read the global random state (so it is
+    reproducible whatever else ran), and a new generation draws again."""
+    import tapo.opsd
+
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    script_generation(trainer, n_right=3)
+    drawn = []  # per row: which member of the group was drawn as the sibling (the scripted right texts are identical)
+
+    def spy(index, correct, texts, solution, answer, order, rng=None):
+        labels = [f"member {j}" for j in range(len(texts))]
+        source, text = choose_reference(index, correct, labels, solution, answer, order, rng)
+        drawn.append(text)
+        return (source, texts[labels.index(text)]) if source == "sibling" else (source, text)
+
+    monkeypatch.setattr(tapo.opsd, "choose_reference", spy)
+
+    def draws(global_seed):
+        random.seed(global_seed)
+        drawn.clear()
+        generation_batch(trainer)
+        return list(drawn)
+
+    first = draws(1)
+    assert len(first) == 2 * K and all(d.startswith("member") for d in first)
+    assert draws(2) == first
+    trainer._step += trainer.args.steps_per_generation * trainer.num_iterations  # the next generation
+    assert draws(1) != first
+
+
+def test_a_row_without_any_reference_keeps_its_prompt_and_gets_no_opsd_term(tiny_model_dir, tmp_path, monkeypatch):
+    import tapo.opsd
+
+    monkeypatch.setitem(tapo.opsd.REFERENCE_ORDER, "sibling", ("sibling",))  # no fallback to the gold answer
+    trainer = make_trainer(tiny_model_dir, tmp_path)  # one correct rollout per group: it has no correct sibling
+    out = generation_batch(trainer)
+    tok = trainer._tokenizer
+    completions = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    alone = [any(f"boxed{{{gold}}}" in c for gold, _, _ in PROBLEMS.values()) for c in completions]
+    assert sum(alone) == 2 and out["opsd_mask_rows"].tolist() == [not a for a in alone]
+    teachers = tok.batch_decode(out["opsd_teacher_prompt_ids"], skip_special_tokens=True)
+    students = tok.batch_decode(out["prompt_ids"], skip_special_tokens=True)
+    assert all((t == s) == a for t, s, a in zip(teachers, students, alone, strict=True))
+    assert out["opsd_num_items"] == out["completion_mask"][~torch.tensor(alone)].sum()
 
 
 @pytest.mark.parametrize(("reference", "solutions", "expected"), [
@@ -167,12 +237,20 @@ def test_reference_source_setting(tiny_model_dir, tmp_path, reference, solutions
     assert not any("GOLD-SOLUTION" in t for t in teachers) or expected == "GOLD-SOLUTION"
 
 
-def test_loss_is_grpo_plus_weighted_divergence_and_is_logged(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tmp_path, opsd_weight=0.5, opsd_divergence="jsd")
+def test_loss_is_grpo_plus_weighted_divergence_and_is_logged(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tmp_path, opsd_weight=0.5, opsd_divergence="jsd", opsd_jsd_beta=0.25)
     out = generation_batch(trainer)
+    used = []  # (kind, beta) the loss asked for, with token_divergence's own defaults for what it leaves out
+
+    def spy(student, teacher, mask, kind="reverse_kl", jsd_beta=0.5):
+        used.append((kind, jsd_beta))
+        return token_divergence(student, teacher, mask, kind, jsd_beta)
+
+    monkeypatch.setattr("tapo.opsd.token_divergence", spy)
     with torch.no_grad():
         total = trainer.compute_loss(trainer.model, out)
         grpo = TAPOTrainer._compute_loss(trainer, trainer.model, out)
+    assert used == [("jsd", 0.25)]
     metrics = trainer._metrics["train"]
     opsd, divergence = metrics["opsd/loss"][-1], metrics["opsd/divergence"][-1]
     assert math.isfinite(total.item()) and opsd > 0
@@ -180,6 +258,11 @@ def test_loss_is_grpo_plus_weighted_divergence_and_is_logged(tiny_model_dir, tmp
     assert metrics["opsd/loss_grpo"][-1] == pytest.approx(grpo.item(), abs=1e-7)
     # One micro-batch holding the whole generation batch: the normalized loss is the token-mean divergence.
     assert opsd == pytest.approx(divergence, rel=1e-5)
+    # A micro-batch in which no row has a teacher: L_OPSD = 0 and the logged divergence is NaN (no tokens), no error.
+    out["opsd_mask_rows"] = torch.zeros_like(out["opsd_mask_rows"])
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, out).item() == pytest.approx(grpo.item(), abs=1e-7)
+    assert metrics["opsd/loss"][-1] == 0 and math.isnan(metrics["opsd/divergence"][-1])
 
 
 def test_opsd_weight_zero_gives_the_grpo_loss(tiny_model_dir, tmp_path):
@@ -241,19 +324,26 @@ def test_bad_settings_fail_at_construction(tiny_model_dir, tmp_path):
         make_trainer(tiny_model_dir, tmp_path, opsd_divergence="kl")
     with pytest.raises(ValueError, match="opsd_reference"):
         make_trainer(tiny_model_dir, tmp_path, opsd_reference="teacher")
+    for beta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="opsd_jsd_beta"):
+            make_trainer(tiny_model_dir, tmp_path, opsd_divergence="jsd", opsd_jsd_beta=beta)
+    OPSDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", opsd_divergence="reverse_kl",
+               opsd_jsd_beta=1.0)  # beta is a jsd setting only
     with pytest.raises(ValueError, match="no loss"):
         make_trainer(tiny_model_dir, tmp_path, opsd_include_grpo=False, opsd_weight=0.0)
     with pytest.raises(ValueError, match="tapo_enabled"):
         make_trainer(tiny_model_dir, tmp_path, opsd_include_grpo=False, tapo_enabled=True)
 
 
-def test_non_finite_opsd_term_stops_before_backward(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("include_grpo", [True, False])
+def test_non_finite_opsd_term_stops_before_backward(tiny_model_dir, tmp_path, include_grpo):
     from tapo.trainer import NonFiniteLossError
 
-    trainer = make_trainer(tiny_model_dir, tmp_path)
+    trainer = make_trainer(tiny_model_dir, tmp_path, opsd_include_grpo=include_grpo)
     out = generation_batch(trainer)
     trainer._opsd_loss = lambda model, inputs: torch.tensor(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="L_OPSD=nan"):
+    # The message names every term of the loss: the GRPO term only when it is part of it.
+    with pytest.raises(NonFiniteLossError, match=r"\(L_GRPO=[-0-9.e]+, L_OPSD=nan\)" if include_grpo else r"\(L_OPSD=nan\)"):
         trainer.compute_loss(trainer.model, out)
 
 
