@@ -8,18 +8,25 @@ from transformers import AutoModelForCausalLM
 
 from tapo.cli import main
 from tapo.coldstart import (
+    ATTEMPTS_FILE,
     DATA_FILE,
     STATS_FILE,
     build_examples,
+    prompt_writer,
+    read_attempts,
     read_chats,
+    rule_writer,
+    sample_attempts,
     sft_trainer,
-    synthesis_target,
+    write_attempts,
     write_examples,
 )
 from tapo.core.synthesis import (
     assemble_trajectory,
     build_synthesis_prompt,
+    format_synthesis,
     parse_synthesis,
+    write_rule_synthesis,
 )
 from tapo.data import PROMPT_TEMPLATE, DataError
 
@@ -87,9 +94,15 @@ def prompt_of(label: str) -> str:
     return PROMPT_TEMPLATE.replace("{problem}", label)
 
 
+def build(generate, batch_problems=16, **options):
+    """Sample the scripted attempts, then build with the scripted model as the synthesis writer."""
+    rows = sample_attempts(problems(), generate, k=K, batch_problems=batch_problems)
+    return build_examples(rows, prompt_writer(generate), batch_problems=batch_problems, **options)
+
+
 def test_counts_by_reason():
     generate = ScriptedGenerator()
-    examples, stats = build_examples(problems(), generate, k=K, m_max=1, batch_problems=4)
+    examples, stats = build(generate, m_max=1, batch_problems=4)
     assert stats == {
         "problems": 6, "attempts": 24, "correct_attempts": 2 + 1 + 2 + 1 + 4, "blank_attempts": 1,
         "plain_examples": 5,  # one distinct right attempt for each of A..E
@@ -97,12 +110,12 @@ def test_counts_by_reason():
         "dropped_no_pair": 2, "dropped_unparsed": 1, "dropped_unassembled": 1, "dropped_wrong_answer": 1,
     }
     assert len(examples) == 5 + 1
-    # Batches of 4 problems: one attempts call and one synthesis call each, K attempts per problem.
-    assert [len(c) for c in generate.calls] == [4 * K, 4, 2 * K]
+    # Batches of 4 problems: the attempt calls (K attempts per problem), then one synthesis call per batch with pairs.
+    assert [len(c) for c in generate.calls] == [4 * K, 2 * K, 4]
 
 
 def test_examples_hold_verified_syntheses_and_plain_solutions():
-    examples, _ = build_examples(problems(), ScriptedGenerator(), k=K, m_max=1)
+    examples, _ = build(ScriptedGenerator(), m_max=1)
     plain = [e for e in examples if "Incorrect attempt:" not in e["messages"][0]["content"]]
     assert [(e["messages"][0]["content"], e["messages"][1]["content"]) for e in plain] == [
         (prompt_of(label), SCRIPT[label][1]) for label in list(SCRIPT)[:5]]
@@ -116,7 +129,7 @@ def test_examples_hold_verified_syntheses_and_plain_solutions():
     # The target copies the wrong attempt exactly (single space), then the reflection and the fix.
     expected_trajectory = ("Step 1: 23 + 45 = 68\nWait, 68 - 12 is 56, not 66.\nStep 2: 68 - 12 = 56\n"
                            "The answer is \\boxed{56}")
-    assert assistant["content"] == synthesis_target("Step 2 subtracts wrongly.", expected_trajectory)
+    assert assistant["content"] == format_synthesis("Step 2 subtracts wrongly.", expected_trajectory)
     # Round trip: what the trainer parses out of the target is the same trajectory.
     again = assemble_trajectory(wrong, parse_synthesis(assistant["content"]), prefix_match="strict")
     assert again.text.strip() == expected_trajectory.strip()
@@ -125,12 +138,12 @@ def test_examples_hold_verified_syntheses_and_plain_solutions():
 
 def test_longest_prefix_match_still_drops_a_rewrite_without_reflection():
     # "longest" tolerates a loose copy before the model's own reflection; C's rewrite has no reflection at all.
-    _, stats = build_examples(problems(), ScriptedGenerator(), k=K, m_max=1, prefix_match="longest")
+    _, stats = build(ScriptedGenerator(), m_max=1, prefix_match="longest")
     assert stats["dropped_unassembled"] == 1 and stats["synthesis_examples"] == 1
 
 
 def test_m_max_and_correct_per_problem():
-    _, stats = build_examples(problems(), ScriptedGenerator(), k=K, m_max=4, correct_per_problem=3)
+    _, stats = build(ScriptedGenerator(), m_max=4, correct_per_problem=3)
     # B has 3 wrong attempts, C 2, D 3, A 1 (its blank attempt is never paired).
     assert stats["pairs"] == 1 + 3 + 2 + 3 and stats["dropped_unparsed"] == 3 and stats["dropped_wrong_answer"] == 3
     assert stats["plain_examples"] == 5  # the right attempts of a problem are all the same text
@@ -138,11 +151,14 @@ def test_m_max_and_correct_per_problem():
 
 def test_generator_returning_too_few_texts_fails():
     with pytest.raises(ValueError, match="returned 0 texts for 24 prompts"):
-        build_examples(problems(), lambda messages: [], k=K)
+        sample_attempts(problems(), lambda messages: [], k=K)
+    rows = sample_attempts(problems(), ScriptedGenerator(), k=K)
+    with pytest.raises(ValueError, match="returned 0 texts for 4 prompts"):
+        build_examples(rows, prompt_writer(lambda messages: []), m_max=1)
 
 
 def test_write_and_read_back(tmp_path):
-    examples, stats = build_examples(problems(), ScriptedGenerator(), k=K, m_max=1)
+    examples, stats = build(ScriptedGenerator(), m_max=1)
     out = write_examples(examples, stats, tmp_path / "cs")
     lines = (out / DATA_FILE).read_text().splitlines()
     assert [json.loads(line) for line in lines] == examples
@@ -174,7 +190,7 @@ def test_cli_build_with_a_local_model(tiny_model_dir, tmp_path):
 
 
 def test_cli_train_writes_a_model(tiny_model_dir, tmp_path):
-    out = write_examples(*build_examples(problems(), ScriptedGenerator(), k=K, m_max=1), tmp_path / "cs")
+    out = write_examples(*build(ScriptedGenerator(), m_max=1), tmp_path / "cs")
     model_dir = tmp_path / "sft"
     assert main(["coldstart", "train", "--data", str(out / DATA_FILE), "--model", str(tiny_model_dir), "--out",
                  str(model_dir), "--max-steps", "2", "--batch-size", "2", "--max-length", "256", "--lr", "1e-3"]) == 0
