@@ -30,14 +30,19 @@ benchmarks/results/constructors_coldstart.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tapo.coldstart import read_attempts
+from tapo.coldstart import DATA_FILE, build_examples, read_attempts, rule_writer, sft_trainer, write_examples
 from tapo.construct import ConstructionRequest, construct
 from tapo.core.selection import select_candidates
 from tapo.core.synthesis import REJECTIONS, UNPARSED, assemble_output, build_synthesis_prompt, is_blank
@@ -87,10 +92,17 @@ def main() -> None:
     cold.add_argument("--references-per-wrong", type=int, default=2, help="cold-start data: distinct right siblings "
                       "each wrong attempt is paired with")
     cold.add_argument("--cuts", default="before_error", help="cold-start data: comma-separated cuts to write")
-    cold.add_argument("--epochs", type=float, default=3.0, help="cold-start SFT epochs")
-    cold.add_argument("--lr", type=float, default=1e-4, help="cold-start SFT learning rate")
+    cold.add_argument("--correct-per-problem", type=int, default=2, help="cold-start data: plain solutions per problem")
+    cold.add_argument("--epochs", type=float, default=2.0, help="cold-start SFT epochs")
+    cold.add_argument("--lr", type=float, default=5e-5, help="cold-start SFT learning rate")
     cold.add_argument("--lora-r", type=int, default=0, help="cold-start SFT: LoRA rank (0: full fine-tuning)")
-    cold.add_argument("--sft-batch-size", type=int, default=8)
+    cold.add_argument("--sft-batch-size", type=int, default=4)
+    cold.add_argument("--sft-max-length", type=int, default=1024, help="cold-start SFT: tokens per example")
+    cold.add_argument("--max-examples", type=int, help="cold-start SFT: train on this many examples at most (a seeded "
+                      "sample; CPU time)")
+    cold.add_argument("--probe-steps", type=int, default=3, help="time this many SFT steps of full fine-tuning and of "
+                      "LoRA (rank 16) before the run (0: no probe)")
+    cold.add_argument("--stages", default="before,build,probe,train,after", help="comma-separated stages to run")
     cold.add_argument("--batch", type=int, default=16, help="sequences per generate() call")
     args = p.parse_args()
     if args.synthesis_tokens is None:
@@ -243,11 +255,81 @@ def coldstart_benchmark(args: argparse.Namespace) -> None:
     result = dict(model=args.model, attempts=str(attempts_path), measured_problems=measured,
                   coldstart_problems=len(coldstart_rows), synthesis_tokens=args.synthesis_tokens,
                   synthesis_temperature=SYNTHESIS_TEMPERATURE, seed=args.seed)
-    result["before"] = score(requests, write_syntheses(args.model, requests, args, work / "before.jsonl"))
-    print("before:", json.dumps(result["before"]), flush=True)
+    stages = set(args.stages.split(","))
     out = Path(args.out or "benchmarks/results/constructors_coldstart.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if out.exists():  # stages not run this time keep their earlier numbers
+        result = {**json.loads(out.read_text()), **result}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    if "before" in stages:
+        result["before"] = score(requests, write_syntheses(args.model, requests, args, work / "before.jsonl"))
+        print("before:", json.dumps(result["before"]), flush=True)
+        save()
+    data = work / "data" / DATA_FILE
+    if "build" in stages:
+        start = time.perf_counter()
+        examples, stats = build_examples(coldstart_rows, rule_writer, n_pos=1, n_neg=1, m_max=4,
+                                         correct_per_problem=args.correct_per_problem,
+                                         references_per_wrong=args.references_per_wrong, cuts=args.cuts.split(","),
+                                         seed=args.seed)
+        if args.max_examples and len(examples) > args.max_examples:
+            examples = random.Random(args.seed).sample(examples, args.max_examples)
+        write_examples(examples, stats, data.parent)
+        result["coldstart_data"] = dict(stats, examples=len(examples), seconds=round(time.perf_counter() - start, 1),
+                                        teacher="rule", references_per_wrong=args.references_per_wrong, cuts=args.cuts,
+                                        max_examples=args.max_examples)
+        print("cold-start data:", json.dumps(result["coldstart_data"]), flush=True)
+        save()
+    if "probe" in stages and args.probe_steps:
+        result["sft_probe"] = {name: probe_sft(data, args, lora_r, work / f"probe-{name}")
+                               for name, lora_r in (("full", 0), ("lora_r16", 16))}
+        print("SFT probe:", json.dumps(result["sft_probe"]), flush=True)
+        save()
+    options = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.sft_batch_size),
+               "--max-length", str(args.sft_max_length), "--lora-r", str(args.lora_r), "--seed", str(args.seed)]
+    digest = hashlib.sha256(data.read_bytes() + args.model.encode() + " ".join(options).encode()).hexdigest()[:12] \
+        if data.exists() else "none"
+    model_dir = default_cache_dir() / f"coldstart-{Path(args.model).name}-{digest}"
+    if "train" in stages:
+        result["coldstart_sft"] = train_coldstart(data, model_dir, options, args)
+        print("cold-start SFT:", json.dumps(result["coldstart_sft"]), flush=True)
+        save()
+    if "after" in stages:
+        result["after"] = score(requests, write_syntheses(str(model_dir), requests, args,
+                                                          work / f"after-{digest}.jsonl"))
+        result["after"]["model"] = str(model_dir)
+        print("after:", json.dumps(result["after"]), flush=True)
+        save()
+
+
+def probe_sft(data: Path, args: argparse.Namespace, lora_r: int, out: Path) -> dict:
+    """Seconds per step of a few SFT steps (model load excluded): the measured basis for full vs LoRA."""
+    trainer = sft_trainer(data, args.model, out, lr=args.lr, max_length=args.sft_max_length,
+                          batch_size=args.sft_batch_size, max_steps=args.probe_steps, seed=args.seed, lora_r=lora_r)
+    metrics = trainer.train().metrics
+    return dict(steps=args.probe_steps, batch_size=args.sft_batch_size,
+                seconds_per_step=round(metrics["train_runtime"] / args.probe_steps, 2),
+                trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
+
+
+def train_coldstart(data: Path, model_dir: Path, options: list[str], args: argparse.Namespace) -> dict:
+    """`tapo coldstart train` in a subprocess (so its wall time and peak RSS are its own); skipped when built."""
+    if (model_dir / "config.json").exists():
+        print(f"{model_dir}: reusing the cold-started model", flush=True)
+        return json.loads((model_dir / "coldstart_cost.json").read_text())
+    command = [sys.executable, "-m", "tapo.cli", "coldstart", "train", "--data", str(data), "--model", args.model,
+               "--out", str(model_dir), *options]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or torch.get_num_threads()))
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env)
+    cost = dict(command=" ".join(command[1:]), wall_seconds=round(time.perf_counter() - start, 1),
+                peak_rss_gib=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
+                examples=sum(1 for _ in data.open()), model=str(model_dir))
+    (model_dir / "coldstart_cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+    return cost
 
 
 if __name__ == "__main__":
