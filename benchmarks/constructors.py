@@ -88,6 +88,7 @@ def main() -> None:
     cold.add_argument("--attempts-seed", type=int, default=2026, help="load_problems seed when sampling attempts")
     cold.add_argument("--measure-problems", type=int, default=48, help="the first rows measured, never cold-start data")
     cold.add_argument("--min-pairs", type=int, default=64, help="measure more rows until DCS gives this many pairs")
+    cold.add_argument("--max-pairs", type=int, help="measure only the first this many pairs (CPU time)")
     cold.add_argument("--work", help="stage cache folder (default: the tapo cache's constructors-coldstart)")
     cold.add_argument("--references-per-wrong", type=int, default=2, help="cold-start data: distinct right siblings "
                       "each wrong attempt is paired with")
@@ -224,8 +225,8 @@ def score(requests: list[ConstructionRequest], outputs: list[str]) -> dict:
 def write_syntheses(model_path: str, requests: list[ConstructionRequest], args: argparse.Namespace, path: Path) -> list[str]:
     """The model's synthesis of every pair (cached in `path`, one {"output"} row per pair, with the pair)."""
     if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        if [r["wrong"] for r in rows] == [r.wrong for r in requests]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()][: len(requests)]
+        if [(r["wrong"], r["reference"]) for r in rows] == [(r.wrong, r.reference) for r in requests]:
             print(f"{path}: reusing {len(rows)} syntheses")
             return [r["output"] for r in rows]
     torch.manual_seed(args.seed)
@@ -248,6 +249,7 @@ def coldstart_benchmark(args: argparse.Namespace) -> None:
         sample_attempts(args, attempts_path)
     rows = read_attempts(attempts_path)
     requests, measured = measurement_pairs(rows, args.measure_problems, args.min_pairs, args.n_pos, args.n_neg, args.seed)
+    requests = requests[: args.max_pairs]
     held_out = {row["problem"] for row in rows[:measured]}
     coldstart_rows = [row for row in rows[measured:] if row["problem"] not in held_out]
     print(f"{len(rows)} problems: {measured} measured ({len(requests)} pairs), {len(coldstart_rows)} for the cold start",
