@@ -95,8 +95,11 @@ def main() -> None:
     cold.add_argument("--cuts", default="before_error", help="cold-start data: comma-separated cuts to write")
     cold.add_argument("--correct-per-problem", type=int, default=2, help="cold-start data: plain solutions per problem")
     cold.add_argument("--epochs", type=float, default=2.0, help="cold-start SFT epochs")
-    cold.add_argument("--lr", type=float, default=5e-5, help="cold-start SFT learning rate")
-    cold.add_argument("--lora-r", type=int, default=0, help="cold-start SFT: LoRA rank (0: full fine-tuning)")
+    cold.add_argument("--lr", type=float, help="cold-start SFT learning rate (default: 5e-5 full, 2e-4 LoRA)")
+    cold.add_argument("--lora-r", default="auto", help="cold-start SFT: LoRA rank (0: full fine-tuning; auto: whichever "
+                      "of full and LoRA rank 16 the probe measured faster per step)")
+    cold.add_argument("--sft-budget-s", type=float, default=600, help="cold-start SFT: cut the epochs so the probe's "
+                      "seconds per step times the steps fit this budget")
     cold.add_argument("--sft-batch-size", type=int, default=4)
     cold.add_argument("--sft-max-length", type=int, default=1024, help="cold-start SFT: tokens per example")
     cold.add_argument("--max-examples", type=int, help="cold-start SFT: train on this many examples at most (a seeded "
@@ -290,8 +293,11 @@ def coldstart_benchmark(args: argparse.Namespace) -> None:
                                for name, lora_r in (("full", 0), ("lora_r16", 16))}
         print("SFT probe:", json.dumps(result["sft_probe"]), flush=True)
         save()
-    options = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.sft_batch_size),
-               "--max-length", str(args.sft_max_length), "--lora-r", str(args.lora_r), "--seed", str(args.seed)]
+    lora_r, epochs = sft_plan(result.get("sft_probe"), args, sum(1 for _ in data.open()) if data.exists() else 0)
+    lr = args.lr or (2e-4 if lora_r else 5e-5)
+    result["sft_plan"] = dict(lora_r=lora_r, epochs=epochs, lr=lr)
+    options = ["--epochs", str(epochs), "--lr", str(lr), "--batch-size", str(args.sft_batch_size),
+               "--max-length", str(args.sft_max_length), "--lora-r", str(lora_r), "--seed", str(args.seed)]
     digest = hashlib.sha256(data.read_bytes() + args.model.encode() + " ".join(options).encode()).hexdigest()[:12] \
         if data.exists() else "none"
     model_dir = default_cache_dir() / f"coldstart-{Path(args.model).name}-{digest}"
@@ -307,9 +313,25 @@ def coldstart_benchmark(args: argparse.Namespace) -> None:
         save()
 
 
+def sft_plan(probe: dict | None, args: argparse.Namespace, examples: int) -> tuple[int, float]:
+    """(LoRA rank, epochs): --lora-r auto picks the faster per step in the probe; epochs are cut to the budget."""
+    if args.lora_r != "auto":
+        lora_r, seconds = int(args.lora_r), None
+    elif not probe:
+        raise SystemExit("--lora-r auto needs the probe stage (or give --lora-r)")
+    else:
+        name = min(probe, key=lambda n: probe[n]["seconds_per_step"])
+        lora_r, seconds = (0 if name == "full" else 16), probe[name]["seconds_per_step"]
+    epochs = args.epochs
+    if seconds and examples:
+        steps_per_epoch = -(-examples // args.sft_batch_size)
+        epochs = round(min(epochs, args.sft_budget_s / (seconds * steps_per_epoch)), 2)
+    return lora_r, epochs
+
+
 def probe_sft(data: Path, args: argparse.Namespace, lora_r: int, out: Path) -> dict:
     """Seconds per step of a few SFT steps (model load excluded): the measured basis for full vs LoRA."""
-    trainer = sft_trainer(data, args.model, out, lr=args.lr, max_length=args.sft_max_length,
+    trainer = sft_trainer(data, args.model, out, lr=args.lr or 5e-5, max_length=args.sft_max_length,
                           batch_size=args.sft_batch_size, max_steps=args.probe_steps, seed=args.seed, lora_r=lora_r)
     metrics = trainer.train().metrics
     return dict(steps=args.probe_steps, batch_size=args.sft_batch_size,
