@@ -3,10 +3,12 @@
     python3 -m pytest -q benchmarks/test_benchmarks.py
 """
 
+import argparse
 import time
 
 import pytest
 from common import SectionTimer, as_argv, parse_settings
+from constructors import measurement_pairs, score, sft_plan
 from learning import merge_runs, same_setup, summarize
 from overhead import section_name, split_step
 from parity import max_abs_diffs
@@ -177,3 +179,38 @@ def test_peak_rss_sees_a_freed_allocation_until_reset():
     assert peak_rss_gib() - before >= 0.2
     reset_peak_rss()
     assert peak_rss_gib() - before < 0.2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# constructors.py --coldstart
+
+
+WRONG = "Step 1: 23 + 45 = 68\nStep 2: 68 - 12 = 66\nThe answer is \\boxed{66}"
+RIGHT = "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}"
+
+
+def test_measurement_pairs_take_more_rows_until_enough_pairs():
+    row = {"problem": "23 + 45 - 12", "answer": "56", "attempts": [RIGHT, WRONG, WRONG, " "]}
+    # Each row gives 2 pairs (its blank attempt is left out); 1 row asked, 3 pairs wanted -> 2 rows measured.
+    requests, used = measurement_pairs([row, row, row], measure=1, min_pairs=3, n_pos=1, n_neg=2, seed=0)
+    assert used == 2 and len(requests) == 4 and {r.wrong for r in requests} == {WRONG}
+    assert requests[0].problem.startswith("23 + 45 - 12\n\nPlease reason step by step")
+
+
+def test_score_counts_each_outcome_once():
+    requests, _ = measurement_pairs([{"problem": "p", "answer": "56", "attempts": [RIGHT, WRONG, WRONG]}], 1, 1, 1, 2, 0)
+    good = ("<analysis>step 2</analysis><reconstruction>Step 1: 23 + 45 = 68\nWait, 68 - 12 = 56.\n"
+            "The answer is \\boxed{56}</reconstruction>")
+    wrong_answer = good.replace("56}", "57}")
+    counts = score(requests * 2, [good, wrong_answer, "no tags", good.replace("Wait", "So")])
+    assert counts == {"pairs": 4, "parsed": 3, "assembled": 2, "accepted": 1, "parse_rate": 0.75, "assembly_rate": 0.5,
+                      "accept_rate": 0.25, "rejected": {"unparsed": 1, "no_reflection": 1, "wrong_answer": 1}}
+
+
+def test_sft_plan_picks_the_faster_probe_and_fits_the_budget():
+    args = argparse.Namespace(lora_r="auto", epochs=2.0, sft_batch_size=4, sft_budget_s=600)
+    probe = {"full": {"seconds_per_step": 20.0}, "lora_r16": {"seconds_per_step": 12.0}}
+    assert sft_plan(probe, args, 200) == (16, 1.0)  # 50 steps per epoch x 12 s = 600 s
+    assert sft_plan({**probe, "full": {"seconds_per_step": 6.0}}, args, 200) == (0, 2.0)  # 2 epochs fit
+    args.lora_r = "0"
+    assert sft_plan(None, args, 200) == (0, 2.0)

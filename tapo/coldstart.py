@@ -1,21 +1,27 @@
 """`tapo coldstart build | train`: the cold-start SFT data that teaches the synthesis format, and the SFT run itself.
 
 The paper starts every arm from a model fine-tuned to (a) reason step by step to a boxed answer and (b) write the
-synthesis format (`<analysis>` / `<reconstruction>`) that TAPO's self-constructor asks for. `build_examples`:
+synthesis format (`<analysis>` / `<reconstruction>`) that TAPO's self-constructor asks for. A build:
 
-1. samples K attempts per problem from `generate` (the policy itself, a stronger local model or an endpoint) on the
-   training prompt (`tapo.data.PROMPT_TEMPLATE`), and verifies them (`tapo.core.verify.math_reward`);
-2. keeps up to `correct_per_problem` distinct correct attempts as plain examples (user prompt -> assistant attempt);
-3. pairs wrong/right attempts as TAPO's DCS does (`select_candidates`; blank attempts never enter a pair), asks
-   `synthesize` (default: `generate`) for a synthesis of each pair (`build_synthesis_prompt`), and keeps it only when
-   it parses (`parse_synthesis`), assembles onto the wrong attempt (`assemble_trajectory`) and the assembled
-   trajectory's answer re-verifies against the gold answer;
-4. writes a kept synthesis as (synthesis prompt -> "<analysis>..</analysis>\n<reconstruction>TRAJECTORY
-   </reconstruction>"), where TRAJECTORY is the assembled text: the wrong attempt's verbatim prefix, the reflection
-   and the correction. So the target copies the wrong attempt exactly (whitespace included), even where the
-   generator's copy was loose, and parsing + assembling the target gives back the same trajectory. Assembly is
-   `prefix_match="strict"` by default: only syntheses that copy and then turn with a reflection phrase ("Wait, ...")
-   are kept, which is the format the synthesis prompt asks for.
+1. samples K attempts per problem (`sample_attempts`: the policy itself, a stronger local model or an endpoint, on
+   the training prompt `tapo.data.PROMPT_TEMPLATE`), or reads attempts sampled earlier (`--attempts FILE`,
+   `read_attempts`); either way they are written to OUT/attempts.jsonl so an expensive sampling is done once;
+2. `build_examples` verifies them (`tapo.core.verify.math_reward`) and keeps up to `correct_per_problem` distinct
+   correct attempts as plain examples (user prompt -> assistant attempt);
+3. pairs wrong/right attempts as TAPO's DCS does (`select_candidates`; blank attempts never enter a pair), each wrong
+   attempt with up to `references_per_wrong` distinct right siblings, and has the synthesis writer write a synthesis
+   of each (wrong, reference, cut) for each cut asked for. The writer works on structured requests
+   (`tapo.construct.ConstructionRequest`): `prompt_writer(generate)` has a model answer `build_synthesis_prompt`
+   (`--teacher model`, the default); `rule_writer` writes it without any model with
+   `tapo.core.synthesis.write_rule_synthesis` (`--teacher rule`: step-checkable arithmetic only; it locates the first
+   wrong step with the splice's checker and writes a real analysis and reconstruction). A synthesis is kept only
+   when it parses (`parse_synthesis`; a writer's None counts as unparsed), assembles onto the wrong attempt
+   (`assemble_synthesis`) and the assembled trajectory's answer re-verifies against the gold answer;
+4. writes a kept synthesis as (synthesis prompt -> `format_synthesis(analysis, TRAJECTORY)`), where TRAJECTORY is the
+   assembled text: the wrong attempt's verbatim prefix, the reflection and the correction. So the target copies the
+   wrong attempt exactly (whitespace included), even where the writer's copy was loose, and parsing + assembling the
+   target gives back the same trajectory. Assembly is `prefix_match="strict"` by default: only syntheses that copy
+   and then turn with a reflection phrase ("Wait, ...") are kept, which is the format the synthesis prompt asks for.
 
 Every pair ends in exactly one of: kept, unparsed, unassembled, wrong_answer; a problem with no pair is counted as
 no_pair. The counts go to stats.json and a rich table. `train_sft` runs TRL's SFTTrainer with the loss on the
@@ -32,29 +38,31 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from tapo.construct import ConstructionRequest
 from tapo.core.selection import select_candidates
 from tapo.core.synthesis import (
-    assemble_trajectory,
+    assemble_synthesis,
     build_synthesis_prompt,
+    format_synthesis,
+    is_blank,
     parse_synthesis,
+    write_rule_synthesis,
 )
 from tapo.core.verify import is_correct, math_reward
 from tapo.data import PROMPT_TEMPLATE, DataError, load_problems
 from tapo.models import DEFAULT_MODEL
 
 Generator = Callable[[list[str]], list[str]]
+# (requests, cut) -> one synthesis text per request, None where the writer has none (counted as unparsed).
+SynthesisWriter = Callable[[list[ConstructionRequest], str], list[str | None]]
 
 DROP_REASONS = ("no_pair", "unparsed", "unassembled", "wrong_answer")
+CUTS = ("before_error", "after_error")
 DATA_FILE, STATS_FILE = "sft.jsonl", "stats.json"
 
 
 def chat(user: str, assistant: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
-
-
-def synthesis_target(analysis: str, trajectory_text: str) -> str:
-    """The assistant side of a synthesis example, in the format `tapo.core.synthesis.SYNTHESIS_PROMPT` asks for."""
-    return f"<analysis>\n{analysis.strip()}\n</analysis>\n<reconstruction>\n{trajectory_text}\n</reconstruction>"
 
 
 def _generate_checked(generate: Generator, messages: list[str], what: str) -> list[str]:
@@ -64,76 +72,158 @@ def _generate_checked(generate: Generator, messages: list[str], what: str) -> li
     return [t if isinstance(t, str) else "" for t in texts]
 
 
+def prompt_writer(generate: Generator) -> SynthesisWriter:
+    """A model writes the syntheses: `generate` answers the synthesis prompt of each request (one batched call)."""
+
+    def write(requests: list[ConstructionRequest], cut: str) -> list[str | None]:
+        prompts = [build_synthesis_prompt(r.problem, r.wrong, r.reference, cut) for r in requests]
+        return _generate_checked(generate, prompts, "synthesis")
+
+    return write
+
+
+def rule_writer(requests: list[ConstructionRequest], cut: str) -> list[str | None]:
+    """No model: `write_rule_synthesis` (the splice's step checker) writes each synthesis, or None where it cannot."""
+    return [write_rule_synthesis(r.wrong, r.reference, r.gold, cut) for r in requests]
+
+
+def sample_attempts(problems: Iterable[Mapping], generate: Generator, *, k: int = 8, template: str = PROMPT_TEMPLATE,
+                    batch_problems: int = 16, on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """K attempts per problem from `generate` on the training prompt, batched over `batch_problems` problems (one
+    call each; `on_batch(n_done)` after each): rows {problem, answer, attempts}, the format of `read_attempts`."""
+    if k < 2:
+        raise ValueError(f"k={k}: need at least 2 attempts per problem to pair a wrong with a right one")
+    rows = [{"problem": str(row["problem"]), "answer": str(row["answer"])} for row in problems]
+    for start in range(0, len(rows), batch_problems):
+        batch = rows[start : start + batch_problems]
+        prompts = [template.replace("{problem}", row["problem"]) for row in batch for _ in range(k)]
+        texts = _generate_checked(generate, prompts, "attempt")
+        for i, row in enumerate(batch):
+            row["attempts"] = texts[i * k : (i + 1) * k]
+        if on_batch is not None:
+            on_batch(len(batch))
+    return rows
+
+
 def build_examples(
-    problems: Iterable[Mapping],
-    generate: Generator,
-    synthesize: Generator | None = None,
+    rows: Iterable[Mapping],
+    write_synthesis: SynthesisWriter,
     *,
-    k: int = 8,
     n_pos: int = 1,
     n_neg: int = 1,
     m_max: int = 4,
     correct_per_problem: int = 1,
+    references_per_wrong: int = 1,
+    cuts: Sequence[str] = ("before_error",),
     prefix_match: str = "strict",
     template: str = PROMPT_TEMPLATE,
     seed: int = 0,
     batch_problems: int = 16,
-    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
-    """(SFT chat examples, counts) from rows with `problem` and `answer` (steps in the module docstring).
+    """(SFT chat examples, counts) from attempt rows {problem, answer, attempts} (steps in the module docstring).
 
-    Generation is batched over `batch_problems` problems at a time (one attempts call, one synthesis call);
-    `on_batch(n_done)` is called after each batch (progress display)."""
-    if k < 2:
-        raise ValueError(f"k={k}: need at least 2 attempts per problem to pair a wrong with a right one")
-    synthesize = synthesize or generate
+    Each DCS pair's wrong attempt is paired with up to `references_per_wrong` distinct right siblings (the DCS draw
+    first) and written once per cut in `cuts`; every (wrong, reference, cut) is one counted pair. `write_synthesis`
+    is called once per cut per `batch_problems` problems."""
+    if not cuts or any(cut not in CUTS for cut in cuts):
+        raise ValueError(f"cuts must be a non-empty subset of {CUTS}, got {cuts!r}")
+    if references_per_wrong < 1:
+        raise ValueError(f"references_per_wrong must be >= 1, got {references_per_wrong}")
     rng = random.Random(seed)
     stats = dict.fromkeys(("problems", "attempts", "correct_attempts", "blank_attempts", "plain_examples", "pairs",
                            "synthesis_examples", *(f"dropped_{r}" for r in DROP_REASONS)), 0)
     examples: list[dict] = []
-    rows = list(problems)
+    rows = list(rows)
     for start in range(0, len(rows), batch_problems):
         batch = rows[start : start + batch_problems]
-        prompts = [template.replace("{problem}", str(row["problem"])) for row in batch]
-        answers = [str(row["answer"]) for row in batch]
-        attempts = _generate_checked(generate, [p for p in prompts for _ in range(k)], "attempt")
-        rewards = math_reward(None, attempts, [a for a in answers for _ in range(k)])
-
-        requests = []  # (prompt, wrong attempt, synthesis prompt, gold)
-        for i, (prompt, gold) in enumerate(zip(prompts, answers, strict=True)):
-            group = [(text, reward == 1.0) for text, reward in zip(attempts[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k],
-                                                                    strict=True)]
+        attempts = [a for row in batch for a in row["attempts"]]
+        rewards = iter(math_reward(None, attempts, [str(row["answer"]) for row in batch for _ in row["attempts"]]))
+        requests = []
+        for row in batch:
+            prompt = template.replace("{problem}", str(row["problem"]))
+            group = [(text, next(rewards) == 1.0) for text in row["attempts"]]
             stats["problems"] += 1
-            stats["attempts"] += k
+            stats["attempts"] += len(group)
             stats["correct_attempts"] += sum(ok for _, ok in group)
-            usable = [(text, ok) for text, ok in group if text.strip()]  # a blank attempt has nothing to repair or copy
-            stats["blank_attempts"] += k - len(usable)
-            right = list(dict.fromkeys(text for text, ok in usable if ok))[:correct_per_problem]
-            examples += [chat(prompt, text) for text in right]
-            stats["plain_examples"] += len(right)
+            usable = [(text, ok) for text, ok in group if not is_blank(text)]  # nothing to repair or copy
+            stats["blank_attempts"] += len(group) - len(usable)
+            distinct_right = list(dict.fromkeys(text for text, ok in usable if ok))
+            examples += [chat(prompt, text) for text in distinct_right[:correct_per_problem]]
+            stats["plain_examples"] += min(len(distinct_right), correct_per_problem)
             pairs = select_candidates([ok for _, ok in usable], n_pos, n_neg, m_max, rng)
             stats["dropped_no_pair"] += not pairs
             for wrong, reference in pairs:
-                wrong_text = usable[wrong][0]
-                requests.append((prompt, wrong_text, build_synthesis_prompt(prompt, wrong_text, usable[reference][0]), gold))
-
-        outputs = _generate_checked(synthesize, [r[2] for r in requests], "synthesis") if requests else []
-        for (_, wrong_text, synthesis_prompt, gold), output in zip(requests, outputs, strict=True):
-            stats["pairs"] += 1
-            synthesis = parse_synthesis(output)
-            trajectory = assemble_trajectory(wrong_text, synthesis, prefix_match=prefix_match) if synthesis else None
-            if synthesis is None:
-                stats["dropped_unparsed"] += 1
-            elif trajectory is None:
-                stats["dropped_unassembled"] += 1
-            elif not is_correct(trajectory.text, gold):
-                stats["dropped_wrong_answer"] += 1
-            else:
-                examples.append(chat(synthesis_prompt, synthesis_target(synthesis.analysis, trajectory.text)))
-                stats["synthesis_examples"] += 1
-        if on_batch is not None:
-            on_batch(len(batch))
+                first = usable[reference][0]
+                others = [text for text in distinct_right if text != first]
+                for text in [first, *rng.sample(others, min(len(others), references_per_wrong - 1))]:
+                    requests.append(ConstructionRequest(prompt, usable[wrong][0], text, str(row["answer"])))
+        for cut in cuts:
+            outputs = write_synthesis(requests, cut) if requests else []
+            if len(outputs) != len(requests):
+                raise ValueError(f"the synthesis writer returned {len(outputs)} texts for {len(requests)} requests")
+            for request, output in zip(requests, outputs, strict=True):
+                stats["pairs"] += 1
+                synthesis = parse_synthesis(output) if isinstance(output, str) else None
+                if synthesis is None:
+                    stats["dropped_unparsed"] += 1
+                    continue
+                assembly = assemble_synthesis(request.wrong, synthesis, prefix_match=prefix_match, cut=cut)
+                if assembly.trajectory is None:
+                    stats["dropped_unassembled"] += 1
+                elif not is_correct(assembly.trajectory.text, request.gold):
+                    stats["dropped_wrong_answer"] += 1
+                else:
+                    prompt = build_synthesis_prompt(request.problem, request.wrong, request.reference, cut)
+                    examples.append(chat(prompt, format_synthesis(synthesis.analysis, assembly.trajectory.text)))
+                    stats["synthesis_examples"] += 1
     return examples, stats
+
+
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def read_attempts(path: str | Path) -> list[dict]:
+    """Attempts sampled earlier (OUT/attempts.jsonl of a build, or any jsonl of the same rows): one row per problem with
+    `problem` (str), `answer` (str or number) and `attempts` (a list of >= 2 strings). A malformed row is a DataError
+    naming the file, the line and the field."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {number}: not JSON ({err})") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number}: not a JSON object")
+        for field, ok, want in (
+            ("problem", lambda v: isinstance(v, str) and v.strip(), "a non-empty string"),
+            ("answer", lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip(),
+             "a non-empty string or number"),
+            ("attempts", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(a, str) for a in v),
+             "a list of at least 2 strings"),
+        ):
+            if field not in row:
+                raise DataError(f"{path}: line {number}: missing field '{field}'")
+            if not ok(row[field]):
+                raise DataError(f"{path}: line {number}: field '{field}' must be {want}, got {row[field]!r:.80}")
+        rows.append({"problem": row["problem"], "answer": str(row["answer"]), "attempts": row["attempts"]})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def write_attempts(rows: Sequence[Mapping], out_dir: str | Path) -> Path:
+    """OUT/attempts.jsonl, the rows `read_attempts` reads (so a build can reuse this sampling); returns OUT."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ATTEMPTS_FILE).write_text("".join(json.dumps({key: row[key] for key in ("problem", "answer", "attempts")},
+                                                        ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return out
 
 
 def write_examples(examples: Sequence[dict], stats: Mapping[str, int], out_dir: str | Path) -> Path:
@@ -191,9 +281,11 @@ def read_chats(path: str | Path) -> list[dict]:
 
 
 def sft_trainer(data: str | Path, model: str, out: str | Path, *, epochs: float = 1.0, lr: float = 1e-5,
-                max_length: int = 2048, batch_size: int = 4, grad_accum: int = 1, max_steps: int = -1, seed: int = 0):
+                max_length: int = 2048, batch_size: int = 4, grad_accum: int = 1, max_steps: int = -1, seed: int = 0,
+                lora_r: int = 0):
     """TRL's SFTTrainer for `model` (anything `tapo.models.resolve_model` accepts) on a chat jsonl. Each chat is a
-    prompt/completion pair, so TRL's completion-only loss covers the last (assistant) turn only."""
+    prompt/completion pair, so TRL's completion-only loss covers the last (assistant) turn only. `lora_r` > 0 trains
+    a LoRA adapter of that rank on all linear layers (peft) instead of every weight."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -208,14 +300,24 @@ def sft_trainer(data: str | Path, model: str, out: str | Path, *, epochs: float 
         completion_only_loss=True, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True,
     )
-    return SFTTrainer(model=policy, args=config, train_dataset=dataset, processing_class=tokenizer)
+    peft_config = None
+    if lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    return SFTTrainer(model=policy, args=config, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config)
 
 
 def train_sft(data: str | Path, model: str, out: str | Path, **options) -> Path:
-    """Run `sft_trainer(data, model, out, **options)` and save the model and tokenizer to `out`."""
+    """Run `sft_trainer(data, model, out, **options)` and save the model (a LoRA adapter merged into its weights, so
+    `out` loads as a plain model) and the tokenizer to `out`."""
     trainer = sft_trainer(data, model, out, **options)
     trainer.train()
-    trainer.save_model(str(out))
+    if options.get("lora_r", 0) > 0:
+        trainer.model.merge_and_unload().save_pretrained(str(out))
+    else:
+        trainer.save_model(str(out))
     trainer.processing_class.save_pretrained(str(out))
     return Path(out)
 
@@ -241,6 +343,7 @@ def _defaults(fn: Callable) -> dict:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     build_defaults, data_defaults = _defaults(build_examples), _defaults(load_problems)
+    attempt_defaults = _defaults(sample_attempts)
     sft_defaults = _defaults(sft_trainer)
     parser = subparsers.add_parser("coldstart", help="build cold-start SFT data (synthesis format) and run the SFT",
                                    description="Cold start: `build` the SFT dataset, then `train` on it.")
@@ -250,16 +353,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", formatter_class=defaults, help="sample, verify, pair, synthesize -> OUT/sft.jsonl",
                            description="Sample K attempts per problem, verify them, pair wrong/right attempts, have a "
                            "model write syntheses, keep the verified ones; writes OUT/sft.jsonl and OUT/stats.json.")
-    build.add_argument("--data", required=True, help="problems: a .jsonl/.parquet file, a reasoning-gym task or a hub set")
+    build.add_argument("--data", help="problems (required unless --attempts): a .jsonl/.parquet file, a reasoning-gym task or a hub set")
     build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--model", default=DEFAULT_MODEL, help="attempt writer: a model name/folder, or the endpoint's "
                        "model name with --base-url")
     build.add_argument("--base-url", help="OpenAI-compatible endpoint for --model, e.g. http://localhost:8000/v1")
-    build.add_argument("--teacher-model", help="synthesis writer (default: the --model generator)")
+    build.add_argument("--teacher", choices=("model", "rule"), default="model",
+                       help="synthesis writer: a model (--teacher-model, else the --model generator) or 'rule': "
+                       "tapo.core.synthesis.write_rule_synthesis, no model (step-checkable arithmetic)")
+    build.add_argument("--teacher-model", help="synthesis writer for --teacher model (default: the --model generator)")
     build.add_argument("--teacher-base-url", help="OpenAI-compatible endpoint for --teacher-model")
     build.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the endpoints' API key")
+    build.add_argument("--attempts", help="reuse attempts sampled earlier (jsonl rows with problem, answer, attempts; "
+                       "e.g. OUT/attempts.jsonl of an earlier build) instead of sampling; --data is then not read")
     build.add_argument("--n", type=int, help="number of problems (reasoning-gym: generated; files: a random subset)")
-    build.add_argument("--k", type=int, default=build_defaults["k"], help="attempts per problem")
+    build.add_argument("--k", type=int, default=attempt_defaults["k"], help="attempts per problem")
     build.add_argument("--n-pos", type=int, default=build_defaults["n_pos"],
                        help="pair only problems with at least this many right attempts")
     build.add_argument("--n-neg", type=int, default=build_defaults["n_neg"],
@@ -267,8 +375,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--m-max", type=int, default=build_defaults["m_max"], help="syntheses per problem at most")
     build.add_argument("--correct-per-problem", type=int, default=build_defaults["correct_per_problem"],
                        help="plain correct solutions kept per problem")
-    build.add_argument("--prefix-match", choices=("strict", "longest"),
-                       default=build_defaults["prefix_match"],
+    build.add_argument("--references-per-wrong", type=int, default=build_defaults["references_per_wrong"],
+                       help="distinct right siblings each paired wrong attempt gets a synthesis with")
+    build.add_argument("--cuts", nargs="+", choices=CUTS, default=list(build_defaults["cuts"]),
+                       help="cuts to write each synthesis with (more cuts: more examples)")
+    build.add_argument("--prefix-match", choices=("strict", "longest"), default=build_defaults["prefix_match"],
                        help="assembly rule (tapo.core.synthesis.assemble_trajectory)")
     build.add_argument("--temperature", type=float, default=0.8)
     build.add_argument("--max-tokens", type=int, default=1024, help="generation budget of one attempt")
@@ -291,6 +402,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=sft_defaults["batch_size"])
     train.add_argument("--grad-accum", type=int, default=sft_defaults["grad_accum"])
     train.add_argument("--max-steps", type=int, default=sft_defaults["max_steps"], help="stop after this many steps (-1: run the epochs)")
+    train.add_argument("--lora-r", type=int, default=sft_defaults["lora_r"], help="LoRA rank (0: full fine-tuning)")
     train.add_argument("--seed", type=int, default=sft_defaults["seed"])
     train.set_defaults(func=train_command)
 
@@ -300,35 +412,49 @@ def build_command(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     console = Console()
+    if not args.data and not args.attempts:
+        console.print("[red]error:[/] give --data (problems to sample attempts for) or --attempts (attempts to reuse)")
+        return 2
     try:
-        problems, skipped = load_problems(args.data, n=args.n, seed=args.seed, problem_field=args.problem_field,
-                                          answer_field=args.answer_field, skip_bad_rows=args.skip_bad_rows)
+        if args.attempts:
+            rows = read_attempts(args.attempts)
+        else:
+            problems, skipped = load_problems(args.data, n=args.n, seed=args.seed, problem_field=args.problem_field,
+                                              answer_field=args.answer_field, skip_bad_rows=args.skip_bad_rows)
+            if skipped:
+                console.print(f"skipped {skipped} bad rows of {args.data}")
     except DataError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
-    if skipped:
-        console.print(f"skipped {skipped} bad rows of {args.data}")
-    generate = make_generator(args.model, args.base_url, args.api_key_env, args.max_tokens, args.temperature,
-                              args.batch_size)
-    if args.teacher_model:
-        synthesize = make_generator(args.teacher_model, args.teacher_base_url, args.api_key_env,
-                                    args.synthesis_max_tokens, args.temperature, args.batch_size)
-    elif args.base_url:
-        synthesize = make_generator(args.model, args.base_url, args.api_key_env, args.synthesis_max_tokens,
-                                    args.temperature, args.batch_size)
+    generate = None
+    if not args.attempts:
+        generate = make_generator(args.model, args.base_url, args.api_key_env, args.max_tokens, args.temperature,
+                                  args.batch_size)
+        with Progress(console=console) as progress:
+            task = progress.add_task("attempts", total=len(problems))
+            rows = sample_attempts(problems, generate, k=args.k, on_batch=lambda n: progress.advance(task, n))
+    write_attempts(rows, args.out)
+    if args.teacher == "rule":
+        writer = rule_writer
+    elif args.teacher_model:
+        writer = prompt_writer(make_generator(args.teacher_model, args.teacher_base_url, args.api_key_env,
+                                              args.synthesis_max_tokens, args.temperature, args.batch_size))
+    elif args.base_url or generate is None:
+        writer = prompt_writer(make_generator(args.model, args.base_url, args.api_key_env, args.synthesis_max_tokens,
+                                              args.temperature, args.batch_size))
     else:
         synthesize = copy.copy(generate)  # shares the loaded model; only the generation budget differs
         synthesize.max_new_tokens = args.synthesis_max_tokens
-    with Progress(console=console) as progress:
-        task = progress.add_task("problems", total=len(problems))
-        examples, stats = build_examples(
-            problems, generate, synthesize, k=args.k, n_pos=args.n_pos, n_neg=args.n_neg, m_max=args.m_max,
-            correct_per_problem=args.correct_per_problem, prefix_match=args.prefix_match, seed=args.seed,
-            on_batch=lambda n: progress.advance(task, n),
-        )
+        writer = prompt_writer(synthesize)
+    examples, stats = build_examples(
+        rows, writer, n_pos=args.n_pos, n_neg=args.n_neg, m_max=args.m_max,
+        correct_per_problem=args.correct_per_problem, references_per_wrong=args.references_per_wrong, cuts=args.cuts,
+        prefix_match=args.prefix_match, seed=args.seed,
+    )
     out = write_examples(examples, stats, args.out)
     console.print(stats_table(stats))
-    console.print(f"wrote {len(examples)} examples to {out / DATA_FILE} and counts to {out / STATS_FILE}")
+    console.print(f"wrote {len(examples)} examples to {out / DATA_FILE}, counts to {out / STATS_FILE} and the "
+                  f"attempts to {out / ATTEMPTS_FILE}")
     return 0
 
 
@@ -338,7 +464,8 @@ def train_command(args: argparse.Namespace) -> int:
     console = Console()
     try:
         out = train_sft(args.data, args.model, args.out, epochs=args.epochs, lr=args.lr, max_length=args.max_length,
-                        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps, seed=args.seed)
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps, seed=args.seed,
+                        lora_r=args.lora_r)
     except DataError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
