@@ -182,18 +182,21 @@ def build_examples(
 ATTEMPTS_FILE = "attempts.jsonl"
 
 
+def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a text file; an unreadable file is a DataError naming it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from err
+    return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
 def read_attempts(path: str | Path) -> list[dict]:
     """Attempts sampled earlier (OUT/attempts.jsonl of a build, or any jsonl of the same rows): one row per problem with
     `problem` (str), `answer` (str or number) and `attempts` (a list of >= 2 strings). A malformed row is a DataError
     naming the file, the line and the field."""
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err})") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in _jsonl_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
@@ -258,13 +261,7 @@ def read_chats(path: str | Path) -> list[dict]:
     """The chat examples of a jsonl file, as prompt/completion pairs (all turns but the last -> the last, which must
     be the assistant's). A malformed line is a DataError naming the file and line."""
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err})") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in _jsonl_lines(path):
         try:
             messages = json.loads(line)["messages"]
             ok = (isinstance(messages, list) and len(messages) >= 2 and messages[-1]["role"] == "assistant"
