@@ -59,7 +59,7 @@ SYNTHESIS_TEMPERATURE, ATTEMPT_TEMPERATURE = 0.7, 0.8
 def chat_generate(model, tokenizer, messages: list[str], max_new_tokens: int, temperature: float, num: int = 1) -> list[str]:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
              for m in messages]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                              num_return_sequences=num, pad_token_id=tokenizer.pad_token_id)
@@ -235,7 +235,7 @@ def write_syntheses(model_path: str, requests: list[ConstructionRequest], args: 
             return [r["output"] for r in rows]
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(resolve_model(model_path))
-    model.eval()
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # a GPU, when there is one, writes them in minutes
     start = time.perf_counter()
     outputs = batched_generate(model, tokenizer, [build_synthesis_prompt(r.problem, r.wrong, r.reference) for r in requests],
                                args.synthesis_tokens, SYNTHESIS_TEMPERATURE, args.batch)
