@@ -122,7 +122,8 @@ def test_testbed_bootstrap_interval():
 
 
 def _job(arm, seed, greedy, lr=1e-3, auc=None):
-    return {"arm": arm, "lr": lr, "seed": seed, "auc": greedy if auc is None else auc, "step_s": 1.0, "tokens": 100,
+    auc = greedy if auc is None else auc
+    return {"arm": arm, "lr": lr, "seed": seed, "auc": {"avg@k": auc, "greedy": auc}, "step_s": 1.0, "tokens": 100,
             "final": {"greedy": greedy, "avg@k": greedy, "dsr": greedy, "err": None}}
 
 
@@ -144,6 +145,7 @@ def test_testbed_summary_pairs_by_seed_and_says_whether_the_interval_excludes_ze
     ablation = summary["tapo:ots_enabled=false"]["final_greedy - grpo"]
     assert ablation["mean"] == pytest.approx(-0.1) and ablation["ci95"] is None and not ablation["excludes_0"]
     assert summary["tapo"]["final_err"] is None and "final_err - grpo" not in summary["tapo"]
+    assert summary["tapo"]["auc_avg@k - grpo"]["mean"] == pytest.approx(0.1)
 
 
 def test_testbed_learning_rate_is_the_best_mean_auc_on_the_sweep_seeds():
@@ -157,6 +159,16 @@ def test_testbed_learning_rate_is_the_best_mean_auc_on_the_sweep_seeds():
         _job("tapo", 100, 0, lr=1e-3, auc=0.5),  # sweep incomplete: no choice
     ])}
     assert chosen_learning_rates(jobs, spec, ["grpo", "tapo"]) == {"grpo": 3e-3}
+
+
+def test_testbed_variants_of_tapo_inherit_its_swept_learning_rate():
+    from testbed import arm_learning_rate
+
+    lrs = {"grpo": 1e-4, "tapo": 3e-4, "tapo:constructor=self": 1e-3}
+    assert arm_learning_rate("tapo:constructor=self", lrs, 5e-3) == 1e-3  # swept itself
+    assert arm_learning_rate("tapo:ots_enabled=false", lrs, 5e-3) == 3e-4  # a variant of tapo: tapo's rate
+    assert arm_learning_rate("opsd", lrs, 5e-3) == 5e-3  # not swept, varies nothing swept: the middle rate
+    assert arm_learning_rate("tapo:cut=after_error", {}, 5e-3) == 5e-3
 
 
 def test_testbed_results_of_more_seeds_and_arms_are_the_same_experiment():

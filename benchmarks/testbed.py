@@ -1,9 +1,9 @@
 """The learning testbed: does TAPO beat GRPO? Many seeds, hundreds of steps, a policy small enough for a CPU.
 
 Task: step-checkable arithmetic chains (tapo.arith, dataset spec `arith:...`), a held-out set from the test hash
-partition (disjoint from every training draw). Policy: a ~1M-parameter Llama with a character tokenizer, pre-trained
-in-process to a sampled accuracy of ~25% with step errors at varied steps, plus synthesis-format examples (the cold
-start), cached by a hash of its settings (tapo.arith_policy).
+partition (disjoint from every training draw). Policy: a ~1.4M-parameter Llama with a local tokenizer (numbers and
+words as tokens), pre-trained in-process to a sampled accuracy of ~30% with step errors at varied steps, plus
+synthesis-format examples (the cold start), cached by a hash of its settings (tapo.arith_policy).
 
 Every arm is a real `tapo train` run: the options go through `tapo.cli.parse_train_args` (the embedded default < this
 size's settings < the arm's options < the chosen learning rate), the trainer is `tapo.run.build_trainer`, the one
@@ -61,41 +61,42 @@ from tapo.evaluation.metrics import reflection_metrics
 from tapo.run import build_trainer, load_train_set
 from tapo.evaluation.reflection import analyze_reflection, marker_pattern
 
-# What every arm trains with, over the embedded default: K=8 rollouts of 4 queries per step, the RL temperature the
-# policy was pre-trained for, room for a character-level splice reflection (~45 tokens) and a synthesis (~350).
-TRAIN = dict(num_generations=8, per_device_train_batch_size=32, max_completion_length=128, ref_max_length=320,
-             synthesis_max_tokens=384, temperature=1.0, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
-             logging_steps=1, n_pos=1, n_neg=2, m_max=4)
-TASK = "arith:terms=3-6,ops=+-*,max=20,mul_max=5"
+# What every arm trains with, over the embedded default: 4 queries x K=8 rollouts per optimizer step (one batch, no
+# accumulation), the RL temperature the policy was pre-trained for, room for a splice reflection (~20 tokens with the
+# policy's number and word tokens) and for a synthesis (~100 tokens).
+TRAIN = dict(num_generations=8, per_device_train_batch_size=32, gradient_accumulation_steps=1, max_completion_length=48,
+             ref_max_length=112, synthesis_max_tokens=160, temperature=1.0, lr_scheduler_type="constant",
+             warmup_steps=0, beta=0.0, logging_steps=1, n_pos=1, n_neg=2, m_max=4)
+# 3-4 one-digit terms with + and -: a ~1.4M-parameter policy learns the format and most steps in ~200 pre-training
+# steps (a few CPU minutes) and keeps slipping (injected errors + what it has not learnt yet) at varied steps.
+TASK = "arith:terms=3-4,ops=+-,max=9"
+POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, batch_size=64, error_rate=0.5,
+              synthesis_every=8, synthesis_batch_size=8, max_steps=2000, check_every=50, target_accuracy=0.3,
+              n_check=128, max_new_tokens=48)
+# The testbed's controls and ablations (ablation seeds), beside the main arms GRPO, TAPO splice and TAPO self.
+ABLATIONS = ["tapo:ref_baseline=ref", "tapo:ots_enabled=false", "tapo:construction_control=no_prefix",
+             "tapo:construction_control=no_reflection", "tapo:cut=after_error", "tapo:ref_baseline=union", "opsd"]
 SIZES = {
-    "smoke": dict(task="arith:terms=3-4,ops=+-,max=9", n_train=64, n_eval=16, k=2, eval_every=2, steps=2,
-                  train=dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=48),
+    "smoke": dict(task=TASK, n_train=64, n_eval=16, k=2, eval_every=2, steps=2,
+                  train=dict(per_device_train_batch_size=16, num_generations=4),
                   policy=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_steps=4,
                               check_every=4, n_check=8, batch_size=8, synthesis_every=2, synthesis_batch_size=2,
                               max_new_tokens=48),
                   seeds=[0], ablation_seeds=[0], sweep_seeds=[100], learning_rates=[1e-4, 1e-3],
                   arms=["grpo", "tapo", "tapo:constructor=self"]),
-    # What a shared, overloaded 2-core CPU affords in well under an hour: an easier task (3-4 terms, + and -, one
-    # digit), a 0.1M-parameter policy, short runs, the main arms, no learning-rate sweep.
-    "cpu": dict(task="arith:terms=3-4,ops=+-,max=9", n_train=1024, n_eval=256, k=2, eval_every=20, steps=40,
-                train=dict(per_device_train_batch_size=16, max_completion_length=64, ref_max_length=160,
-                           synthesis_max_tokens=256),
-                policy=dict(hidden_size=64, num_layers=2, intermediate_size=256, batch_size=32, check_every=50,
-                            n_check=64, max_steps=600, synthesis_batch_size=2, max_new_tokens=64),
-                seeds=[0, 1, 2], ablation_seeds=[0], sweep_seeds=[100], learning_rates=[3e-4, 1e-3, 3e-3],
-                arms=["grpo", "tapo", "tapo:constructor=self"]),
-    "default": dict(task=TASK, n_train=2048, n_eval=256, k=4, eval_every=25, steps=200, train={}, policy={},
-                    seeds=list(range(8)), ablation_seeds=list(range(4)), sweep_seeds=[100, 101],
-                    learning_rates=[3e-4, 1e-3, 3e-3],
-                    arms=["grpo", "tapo", "tapo:constructor=self", "tapo:ref_baseline=ref", "tapo:ots_enabled=false",
-                          "opsd"]),
-    "full": dict(task=TASK, n_train=8192, n_eval=512, k=8, eval_every=25, steps=400, train={}, policy={},
+    # The issue's size: 8 seeds of the main arms, 4 of the others, 200 steps, 256 held-out problems; the learning-rate
+    # sweep runs 100 steps on its own seed (the area under the first half of the curve picks the rate).
+    "default": dict(task=TASK, n_train=4096, n_eval=256, k=4, eval_every=50, steps=200, train={}, policy=POLICY,
+                    seeds=list(range(8)), ablation_seeds=list(range(4)), sweep_seeds=[100], sweep_steps=100,
+                    learning_rates=[1e-4, 3e-4, 1e-3], arms=["grpo", "tapo", "tapo:constructor=self", *ABLATIONS]),
+    # A GPU or many-core machine: twice the seeds and steps, a harder task (more terms, bigger numbers, *).
+    "full": dict(task="arith:terms=3-6,ops=+-*,max=20,mul_max=5", n_train=8192, n_eval=512, k=8, eval_every=25,
+                 steps=400, train={}, policy={**POLICY, "hidden_size": 256, "num_layers": 6, "intermediate_size": 1024},
                  seeds=list(range(16)), ablation_seeds=list(range(8)), sweep_seeds=[100, 101, 102],
-                 learning_rates=[1e-4, 3e-4, 1e-3, 3e-3],
-                 arms=["grpo", "tapo", "tapo:constructor=self", "tapo:ref_baseline=ref", "tapo:ots_enabled=false",
-                       "opsd"]),
+                 learning_rates=[1e-4, 3e-4, 1e-3, 3e-3], arms=["grpo", "tapo", "tapo:constructor=self", *ABLATIONS]),
 }
 MAIN_ARMS = ("grpo", "tapo", "tapo:constructor=self")  # get `seeds`; the other arms get `ablation_seeds`
+SWEPT_ARMS = (*MAIN_ARMS, "opsd")  # `--sweep` chooses their learning rates; the tapo:... variants inherit tapo's
 EVAL_SEED = 1234
 BOOTSTRAP_DRAWS = 10_000
 
@@ -196,8 +197,9 @@ def area_under_curve(points: list[dict], metric: str = "greedy") -> float:
 def run_job(job: str, spec: dict, policy: str, held_out: list[dict], base: dict) -> dict:
     """One `tapo train` run of an arm at a learning rate and seed, with its held-out curve."""
     arm, lr, seed = parse_job_id(job)
+    steps = spec.get("sweep_steps", spec["steps"]) if seed in spec["sweep_seeds"] else spec["steps"]
     settings = {**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"], "n_train": spec["n_train"],
-                "max_steps": spec["steps"], **arm_settings(arm), "learning_rate": lr, "seed": seed}
+                "max_steps": steps, **arm_settings(arm), "learning_rate": lr, "seed": seed}
     run, config, _ = make_config(settings)
     train_set = load_train_set(run, config.seed)
     clock = StepClock()
@@ -213,7 +215,8 @@ def run_job(job: str, spec: dict, policy: str, held_out: list[dict], base: dict)
     step_s = [s["wall_s"] for s in clock.steps]
     final = curve.points[-1]
     return {"arm": arm, "lr": lr, "seed": seed, "curve": curve.points, "train_logs": logs,
-            "final": {m: final[m] for m in ("greedy", "avg@k", "dsr", "err")}, "auc": area_under_curve(curve.points),
+            "final": {m: final[m] for m in ("greedy", "avg@k", "dsr", "err")},
+            "auc": {m: area_under_curve(curve.points, m) for m in ("avg@k", "greedy")},
             "step_s": statistics.fmean(step_s), "train_s": sum(step_s), "tokens": final["tokens"],
             "wall_s": time.perf_counter() - start, "machine": machine()}
 
@@ -227,25 +230,39 @@ def bootstrap_ci(values: list[float], draws: int = BOOTSTRAP_DRAWS, seed: int = 
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+SWEEP_METRIC = "avg@k"  # the learning rate is chosen by the area under this curve
+
+
 def chosen_learning_rates(jobs: dict, spec: dict, arms: list[str]) -> dict:
-    """Per arm, the swept learning rate with the best mean AUC over the sweep seeds (arms not swept: absent)."""
+    """Per arm, the swept learning rate with the best mean AUC of SWEEP_METRIC over the sweep seeds (arms not swept:
+    absent)."""
     out = {}
     for arm in arms:
         by_lr = {}
         for result in jobs.values():
             if result["arm"] == arm and result["seed"] in spec["sweep_seeds"]:
-                by_lr.setdefault(result["lr"], []).append(result["auc"])
+                by_lr.setdefault(result["lr"], []).append(result["auc"][SWEEP_METRIC])
         complete = {lr: aucs for lr, aucs in by_lr.items() if len(aucs) == len(spec["sweep_seeds"])}
         if len(complete) == len(spec["learning_rates"]):
             out[arm] = max(complete, key=lambda lr: statistics.fmean(complete[lr]))
     return out
 
 
-METRICS = ("final_greedy", "final_avg@k", "auc", "final_dsr", "final_err")
+def arm_learning_rate(arm: str, lrs: dict, default: float) -> float:
+    """The arm's swept rate; a `tapo:...` variant that was not swept runs at the rate of the arm it varies (`tapo`),
+    so an ablation differs from it in its one option only; else the size's middle rate."""
+    return lrs.get(arm, lrs.get(arm.partition(":")[0], default))
+
+
+# avg@k (sampled at the RL temperature) is the primary metric: it is what the reward measures and what RL moves; the
+# policy's greedy answer is right far more often (its slips are sampled), so greedy accuracy starts high and moves less.
+METRICS = ("final_avg@k", "auc_avg@k", "final_greedy", "auc_greedy", "final_dsr", "final_err")
 
 
 def _metric(result: dict, name: str) -> float | None:
-    return result["auc"] if name == "auc" else result["final"][name.removeprefix("final_")]
+    if name.startswith("auc_"):
+        return result["auc"][name.removeprefix("auc_")]
+    return result["final"][name.removeprefix("final_")]
 
 
 def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
@@ -254,12 +271,12 @@ def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
     eval_seeds = set(spec["seeds"]) | set(spec["ablation_seeds"])
     by_arm: dict[str, dict[int, dict]] = {}
     for result in jobs.values():
-        lr = lrs.get(result["arm"], spec["default_lr"])
+        lr = arm_learning_rate(result["arm"], lrs, spec["default_lr"])
         if result["seed"] in eval_seeds and result["lr"] == lr:
             by_arm.setdefault(result["arm"], {})[result["seed"]] = result
     summary = {}
     for arm, by_seed in by_arm.items():
-        row = {"lr": lrs.get(arm, spec["default_lr"]), "lr_swept": arm in lrs, "seeds": sorted(by_seed),
+        row = {"lr": arm_learning_rate(arm, lrs, spec["default_lr"]), "lr_swept": arm in lrs, "seeds": sorted(by_seed),
                "step_s": statistics.fmean(r["step_s"] for r in by_seed.values()),
                "tokens": statistics.fmean(r["tokens"] for r in by_seed.values())}
         for name in METRICS:
@@ -277,19 +294,20 @@ def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"\n{'arm':<28} {'lr':>7} {'seeds':>5} {'greedy':>7} {'avg@k':>7} {'AUC':>7} {'s/step':>7}  "
-          f"{'greedy - GRPO [95% CI]':<30} {'AUC - GRPO [95% CI]':<30}")
+    shown = ("final_avg@k", "auc_avg@k", "final_greedy")
+    print(f"\n{'arm':<40} {'lr':>7} {'seeds':>5} {'avg@k':>6} {'AUC':>6} {'greedy':>6} {'s/step':>6}  "
+          + "  ".join(f"{name + ' - GRPO [95% CI]':<31}" for name in shown))
     for arm, row in summary.items():
         cells = []
-        for name in ("final_greedy", "auc"):
+        for name in shown:
             d = row.get(f"{name} - grpo")
             if d is None:
                 cells.append("")
             else:
                 ci = "n<2" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                 cells.append(f"{d['mean']:+.3f} {ci}{' *' if d['excludes_0'] else ''}")
-        print(f"{arm:<28} {row['lr']:>7.0e} {len(row['seeds']):>5} {row['final_greedy']:>7.3f} {row['final_avg@k']:>7.3f} "
-              f"{row['auc']:>7.3f} {row['step_s']:>7.2f}  {cells[0]:<30} {cells[1]:<30}")
+        print(f"{arm:<40} {row['lr']:>7.0e} {len(row['seeds']):>5} {row['final_avg@k']:>6.3f} {row['auc_avg@k']:>6.3f} "
+              f"{row['final_greedy']:>6.3f} {row['step_s']:>6.2f}  " + "  ".join(f"{c:<31}" for c in cells))
     print("(* : the 95% bootstrap interval of the paired difference excludes 0)")
 
 
@@ -299,20 +317,21 @@ def plot(jobs: dict, summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, x_key, label in zip(axes, ("step", "train_s", "tokens"), ("optimizer step", "training wall-clock (s)",
-                                                                        "trained tokens")):
-        for arm, row in summary.items():
-            runs = [r for r in jobs.values() if r["arm"] == arm and r["lr"] == row["lr"] and r["seed"] in row["seeds"]]
-            steps = sorted({p["step"] for r in runs for p in r["curve"]})
-            points = [[p for r in runs for p in r["curve"] if p["step"] == s] for s in steps]
-            ax.plot([statistics.fmean(p[x_key] for p in ps) for ps in points],
-                    [statistics.fmean(p["greedy"] for p in ps) for ps in points], marker="o", markersize=3,
-                    label=f"{arm} (n={len(runs)})")
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out greedy accuracy (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8), squeeze=False)
+    for row_axes, metric in zip(axes, ("avg@k", "greedy")):
+        for ax, x_key, label in zip(row_axes, ("step", "train_s", "tokens"),
+                                    ("optimizer step", "training wall-clock (s)", "trained tokens")):
+            for arm, row in summary.items():
+                runs = [r for r in jobs.values() if r["arm"] == arm and r["lr"] == row["lr"] and r["seed"] in row["seeds"]]
+                steps = sorted({p["step"] for r in runs for p in r["curve"]})
+                points = [[p for r in runs for p in r["curve"] if p["step"] == s] for s in steps]
+                ax.plot([statistics.fmean(p[x_key] for p in ps) for ps in points],
+                        [statistics.fmean(p[metric] for p in ps) for ps in points], marker="o", markersize=3,
+                        label=f"{arm} (n={len(runs)})")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"held-out {metric} (mean over seeds)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -440,13 +459,18 @@ def main(argv: list[str] | None = None) -> int:
 
     lrs = {}
     if args.sweep:
-        run_all([job_id(a, lr, s) for a in spec["arms"] for lr in spec["learning_rates"] for s in spec["sweep_seeds"]])
-        lrs = chosen_learning_rates(results.load()["jobs"], spec, spec["arms"])
+        swept = [a for a in spec["arms"] if a in SWEPT_ARMS]
+        run_all([job_id(a, lr, s) for a in swept for lr in spec["learning_rates"] for s in spec["sweep_seeds"]])
+        lrs = chosen_learning_rates(results.load()["jobs"], spec, swept)
         print(f"chosen learning rates: {lrs}", flush=True)
     lrs = {**results.load().get("learning_rates", {}), **lrs}
-    main_jobs = [job_id(a, lrs.get(a, spec["default_lr"]), s) for s in spec["seeds"] for a in spec["arms"]
-                 if a in MAIN_ARMS or s in spec["ablation_seeds"]]
-    jobs = run_all(main_jobs)  # seed-major: a cut-short run has every arm of its first seeds
+    # The main arms first, then the others, each seed-major: a cut-short run has the main comparison's first seeds
+    # for every main arm, and every ablation of its first ablation seeds.
+    main = [job_id(a, arm_learning_rate(a, lrs, spec["default_lr"]), s) for s in spec["seeds"] for a in spec["arms"]
+            if a in MAIN_ARMS]
+    others = [job_id(a, arm_learning_rate(a, lrs, spec["default_lr"]), s) for s in spec["ablation_seeds"]
+              for a in spec["arms"] if a not in MAIN_ARMS]
+    jobs = run_all(main + others)
     summary = summarize(jobs, lrs, spec)
     results.update(learning_rates=lrs, summary=summary)
     print_summary(summary)

@@ -1,4 +1,4 @@
-"""The testbed's policy: a small Llama with a character tokenizer, pre-trained in-process on arithmetic chains.
+"""The testbed's policy: a small Llama with a locally built tokenizer, pre-trained in-process on arithmetic chains.
 
 The pre-training mix teaches the format and the arithmetic, but on purpose not perfectly: a share `error_rate` of the
 solutions carries one step error at a uniformly drawn step (`tapo.arith.wrong_solution`), so the policy learns to slip
@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,12 +33,36 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from tapo import arith
 from tapo.core.synthesis import build_synthesis_prompt, write_rule_synthesis
+from tapo.core.trajectory import CUTS
 from tapo.core.verify import extract_answer
 from tapo.data import PROMPT_TEMPLATE
 from tapo.models import CACHE_FORMAT, cached_build, default_cache_dir
 
-# One token per printable ASCII character and newline; anything else is <unk>.
+# The vocabulary: one token per printable ASCII character and newline (so any text encodes, nothing is <unk> in
+# practice), one per group of 1-3 digits ("36" is one token, "1234" is "123" "4"), one per operator and one per word
+# of the texts the testbed always shows (the prompt template, the problem wording, the synthesis prompt and the
+# splice's reflection); numbers, operators and words also with a leading space (a step `12 + 7 = 19` is 5 tokens). Number tokens make a step `a op b = c` a lookup in a table, which a ~1M-parameter
+# model learns in minutes where digit-by-digit carries took it thousands of steps; word tokens cut the ~150-character
+# prompt to ~50 tokens, and the forward/backward over the prompt is most of a step's compute.
 CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+NUMBERS = [str(n) for n in range(10, 1000)] + [f"{n:02d}" for n in range(10)] + [f"{n:03d}" for n in range(100)]
+
+
+def _fixed_texts() -> list[str]:
+    """One of each text the testbed always shows, made by the functions that make them: a prompt, a synthesis prompt
+    and a rule-written synthesis per cut (their wording is read off the real output, never copied here)."""
+    chain = arith.Chain((12, 7, 3), ("+", "-"))
+    problem = PROMPT_TEMPLATE.replace("{problem}", chain.problem)
+    wrong, reference = arith.solution(chain, error_step=0, error_delta=1), arith.solution(chain)
+    texts = [problem]
+    for cut in CUTS:
+        texts += [build_synthesis_prompt(problem, wrong, reference, cut), write_rule_synthesis(wrong, reference, str(chain.answer), cut)]
+    return texts
+
+
+WORDS = sorted({w for text in _fixed_texts() for w in re.findall(r"[A-Za-z]{2,}", text)}, key=lambda w: (-len(w), w))
+# Longest alternative first; a word token only where the whole word stands (no letter on either side).
+PIECES = r" ?\d{1,3}| ?[-+*=]| ?(?<![A-Za-z])(?:" + "|".join(WORDS) + r")(?![A-Za-z])|[\s\S]"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -59,7 +84,7 @@ class PolicySettings:
     num_layers: int = 4  # depth of the Llama
     num_heads: int = 4  # attention heads (hidden_size must divide by it)
     intermediate_size: int = 512  # MLP width
-    max_positions: int = 2048  # synthesis examples (prompt + answer) are ~1300 characters long
+    max_positions: int = 2048  # rotary positions, no parameters; synthesis examples are ~350 tokens long
     error_rate: float = 0.5  # share of pre-training solutions with one injected step error
     synthesis_every: int = 8  # every this-many-th batch is a synthesis batch (0: no cold-start examples)
     synthesis_batch_size: int = 8  # examples per synthesis batch (they are ~8x longer than a solution)
@@ -80,12 +105,13 @@ class PolicySettings:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (digits included), special tokens for the chat roles; `<|end|>` ends every turn and is
-    the eos, so TRL's rollouts stop there."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    """Characters, numbers, operators and the fixed texts' words (see WORDS and PIECES), special tokens for the chat
+    roles; `<|end|>` ends every turn and is the eos, so TRL's rollouts stop there."""
+    spaced = [w for word in NUMBERS + list("0123456789-+*=") + WORDS for w in (word, " " + word)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + CHARACTERS + spaced))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # characters back to text with nothing between them
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECES), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # pieces back to text with nothing between them
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>",
                                    additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE,
                                    model_max_length=2048)

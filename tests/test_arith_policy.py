@@ -7,6 +7,7 @@ import torch
 
 from tapo import arith
 from tapo.arith_policy import (
+    WORDS,
     PolicySettings,
     _batch,
     build_tokenizer,
@@ -23,18 +24,26 @@ TINY = dict(task="arith:terms=3,ops=+,max=9", hidden_size=16, num_layers=1, num_
             synthesis_batch_size=1, max_new_tokens=16)
 
 
-def test_tokenizer_is_one_token_per_character_with_a_chat_template_and_eos():
+def test_tokenizer_has_number_operator_and_word_tokens_a_chat_template_and_eos():
     tok = build_tokenizer()
     text = "19 * 3 = 57\n\\boxed{57}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text) and tok.decode(ids) == text
+    # 19 | " *" | " 3" | " =" | " 57" | \n | \ | boxed | { | 57 | }
+    assert tok.convert_ids_to_tokens(ids) == ["19", " *", " 3", " =", " 57", "\n", "\\", "boxed", "{", "57", "}"]
+    assert tok.decode(ids) == text
+    # Digits in groups of at most 3; a known word only where the whole word stands, else one token per character.
+    pieces = tok.convert_ids_to_tokens(tok("1234 into Wait, 05 is wrong", add_special_tokens=False)["input_ids"])
+    assert pieces == ["123", "4", " ", "i", "n", "t", "o", " Wait", ",", " 05", " is", " wrong"]
     prompt = tok.apply_chat_template([{"role": "user", "content": "1 + 1"}], tokenize=False, add_generation_prompt=True)
     assert prompt == "<|user|>\n1 + 1<|end|>\n<|assistant|>\n"
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    # <|user|> \n 1 space + space 1 <|end|> \n <|assistant|> \n: each special token is one token
-    assert len(prompt_ids) == 2 + 5 + 2 + 2
+    # <|user|> \n | 1 " +" " 1" | <|end|> \n | <|assistant|> \n: each special token is one token
+    assert len(prompt_ids) == 2 + 3 + 2 + 2
     assert tok.eos_token == "<|end|>" and tok.decode([tok.eos_token_id, *ids], skip_special_tokens=True) == text
     assert tok.decode(tok("é", add_special_tokens=False)["input_ids"]) == "<unk>"
+    every_word = " ".join(WORDS)
+    assert tok.decode(tok(every_word, add_special_tokens=False)["input_ids"]) == every_word
+    assert len(tok(every_word, add_special_tokens=False)["input_ids"]) == len(WORDS)
 
 
 def test_rule_synthesis_parses_and_assembles_strictly_into_the_splice():
@@ -52,7 +61,7 @@ def test_rule_synthesis_parses_and_assembles_strictly_into_the_splice():
 
 def test_batches_train_on_the_answer_only():
     tok = build_tokenizer()
-    batch = _batch(tok, [("1 + 1", "2"), ("10 + 10", "20")], "cpu")
+    batch = _batch(tok, [("1 + 1", "2"), ("1 + 1 + 18", "20")], "cpu")
     labels, ids = batch["labels"], batch["input_ids"]
     assert tok.decode(labels[0][labels[0] != -100]) == "2<|end|>"
     assert tok.decode(labels[1][labels[1] != -100]) == "20<|end|>"
