@@ -88,7 +88,7 @@ SIZES = {
     # sweep runs 100 steps on its own seed (the area under the first half of the curve picks the rate).
     "default": dict(task=TASK, n_train=4096, n_eval=256, k=4, eval_every=50, steps=200, train={}, policy=POLICY,
                     seeds=list(range(8)), ablation_seeds=list(range(4)), sweep_seeds=[100], sweep_steps=100,
-                    learning_rates=[1e-4, 3e-4, 1e-3], arms=["grpo", "tapo", "tapo:constructor=self", *ABLATIONS]),
+                    learning_rates=[3e-5, 1e-4, 3e-4], arms=["grpo", "tapo", "tapo:constructor=self", *ABLATIONS]),
     # A GPU or many-core machine: twice the seeds and steps, a harder task (more terms, bigger numbers, *).
     "full": dict(task="arith:terms=3-6,ops=+-*,max=20,mul_max=5", n_train=8192, n_eval=512, k=8, eval_every=25,
                  steps=400, train={}, policy={**POLICY, "hidden_size": 256, "num_layers": 6, "intermediate_size": 1024},
