@@ -4,6 +4,7 @@
 """
 
 import argparse
+import statistics
 import time
 
 import pytest
@@ -111,6 +112,15 @@ def test_testbed_area_under_curve_is_the_mean_accuracy_over_training():
     assert area_under_curve([{"step": 0, "greedy": 0.5}]) == 0.5
 
 
+def test_testbed_value_at_interpolates_between_evaluations_and_holds_the_ends():
+    from testbed import value_at
+
+    points = [{"train_s": 0.0, "avg@k": 0.2}, {"train_s": 10.0, "avg@k": 0.4}, {"train_s": 30.0, "avg@k": 0.3}]
+    assert value_at(points, "train_s", 5.0, "avg@k") == pytest.approx(0.3)
+    assert value_at(points, "train_s", 20.0, "avg@k") == pytest.approx(0.35)
+    assert value_at(points, "train_s", 99.0, "avg@k") == pytest.approx(0.3)  # stopped earlier: its last value
+
+
 def test_testbed_bootstrap_interval():
     from testbed import bootstrap_ci
 
@@ -123,7 +133,10 @@ def test_testbed_bootstrap_interval():
 
 def _job(arm, seed, greedy, lr=1e-3, auc=None):
     auc = greedy if auc is None else auc
+    seconds = 20.0 if arm.startswith("tapo") else 10.0
+    curve = [{"train_s": 0.0, "avg@k": 0.0}, {"train_s": seconds, "avg@k": greedy}]
     return {"arm": arm, "lr": lr, "seed": seed, "auc": {"avg@k": auc, "greedy": auc}, "step_s": 1.0, "tokens": 100,
+            "curve": curve,
             "final": {"greedy": greedy, "avg@k": greedy, "dsr": greedy, "err": None}}
 
 
@@ -146,6 +159,9 @@ def test_testbed_summary_pairs_by_seed_and_says_whether_the_interval_excludes_ze
     assert ablation["mean"] == pytest.approx(-0.1) and ablation["ci95"] is None and not ablation["excludes_0"]
     assert summary["tapo"]["final_err"] is None and "final_err - grpo" not in summary["tapo"]
     assert summary["tapo"]["auc_avg@k - grpo"]["mean"] == pytest.approx(0.1)
+    # tapo took twice GRPO's time (20 s vs 10 s): at GRPO's 10 s it stood halfway between its start and its end
+    equal_time = summary["tapo"]["avg@k at grpo's wall-clock - grpo"]
+    assert equal_time["mean"] == pytest.approx(statistics.fmean([0.15 - 0.2, 0.2 - 0.3, 0.25 - 0.4]))
 
 
 def test_testbed_learning_rate_is_the_best_mean_auc_on_the_sweep_seeds():

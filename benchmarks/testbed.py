@@ -265,6 +265,18 @@ def _metric(result: dict, name: str) -> float | None:
     return result["final"][name.removeprefix("final_")]
 
 
+def value_at(points: list[dict], x_key: str, x: float, metric: str) -> float:
+    """`metric` of a curve at `x` (e.g. training seconds), linear between evaluations; past the curve's end its last
+    value (the run had stopped), before its start its first."""
+    return float(np.interp(x, [p[x_key] for p in points], [p[metric] for p in points]))
+
+
+def paired_difference(diffs: list[float]) -> dict:
+    ci = bootstrap_ci(diffs)
+    return {"mean": statistics.fmean(diffs), "ci95": ci, "n": len(diffs),
+            "excludes_0": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+
+
 def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
     """Per arm (its chosen learning rate, evaluation seeds only): means, and paired differences to GRPO with 95%
     bootstrap intervals over the seeds both arms have."""
@@ -286,15 +298,18 @@ def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
             pairs = [(_metric(r, name), _metric(grpo[s], name)) for s, r in by_seed.items() if s in grpo]
             diffs = [a - b for a, b in pairs if a is not None and b is not None]
             if arm != "grpo" and diffs:
-                ci = bootstrap_ci(diffs)
-                row[f"{name} - grpo"] = {"mean": statistics.fmean(diffs), "ci95": ci, "n": len(diffs),
-                                         "excludes_0": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+                row[f"{name} - grpo"] = paired_difference(diffs)
+        # Equal wall-clock: the arm's avg@k when it had trained as long as GRPO's whole run (same seed).
+        at_grpo_time = [value_at(r["curve"], "train_s", grpo[s]["curve"][-1]["train_s"], "avg@k")
+                        - grpo[s]["final"]["avg@k"] for s, r in by_seed.items() if s in grpo]
+        if arm != "grpo" and at_grpo_time:
+            row["avg@k at grpo's wall-clock - grpo"] = paired_difference(at_grpo_time)
         summary[arm] = row
     return summary
 
 
 def print_summary(summary: dict) -> None:
-    shown = ("final_avg@k", "auc_avg@k", "final_greedy")
+    shown = ("final_avg@k", "auc_avg@k", "final_greedy", "avg@k at grpo's wall-clock")
     print(f"\n{'arm':<40} {'lr':>7} {'seeds':>5} {'avg@k':>6} {'AUC':>6} {'greedy':>6} {'s/step':>6}  "
           + "  ".join(f"{name + ' - GRPO [95% CI]':<31}" for name in shown))
     for arm, row in summary.items():
