@@ -45,7 +45,7 @@ import torch
 from tapo.coldstart import DATA_FILE, build_examples, read_attempts, rule_writer, sft_trainer, write_examples
 from tapo.construct import ConstructionRequest, construct
 from tapo.core.selection import select_candidates
-from tapo.core.synthesis import REJECTIONS, UNPARSED, assemble_output, build_synthesis_prompt, is_blank
+from tapo.core.synthesis import REJECTIONS, UNPARSED, WRONG_ANSWER, assemble_output, build_synthesis_prompt, is_blank
 from tapo.core.verify import is_correct
 from tapo.data import PROMPT_TEMPLATE, load_problems
 from tapo.config import EMBEDDED_DEFAULTS, default_synthesis_max_tokens
@@ -57,6 +57,8 @@ SYNTHESIS_TEMPERATURE, ATTEMPT_TEMPERATURE = 0.7, 0.8
 
 
 def chat_generate(model, tokenizer, messages: list[str], max_new_tokens: int, temperature: float, num: int = 1) -> list[str]:
+    if not messages:  # construct() calls its generator even with nothing to build (no eligible pair)
+        return []
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
              for m in messages]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -124,7 +126,7 @@ def splice_vs_self(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(resolve_model(args.model))
     problems, _ = load_problems(args.dataset, n=args.n, seed=args.seed)
-    counts = {c: dict(attempted=0, parsed=0, assembled=0, accepted=0, seconds=0.0) for c in ("splice", "self")}
+    counts = {c: dict(attempted=0, parsed=0, assembled=0, accepted=0, seconds=0.0, rejected={}) for c in ("splice", "self")}
     n_correct = n_total = n_eligible = 0
     rng = random.Random(args.seed)
     for row in problems:
@@ -144,6 +146,10 @@ def splice_vs_self(args: argparse.Namespace) -> None:
             stats["parsed"] += sum(c.parsed for c in built)
             stats["assembled"] += sum(c.trajectory is not None for c in built)
             stats["accepted"] += sum(c.trajectory is not None and is_correct(c.trajectory.text, row["answer"]) for c in built)
+            for c in built:
+                reason = c.rejection or (None if is_correct(c.trajectory.text, row["answer"]) else WRONG_ANSWER)
+                if reason:
+                    stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
         print(f"problem {row['id']}: {sum(correct)}/{len(correct)} correct, {len(pairs)} pairs, "
               + ", ".join(f"{c} accepted {s['accepted']}/{s['attempted']}" for c, s in counts.items()), flush=True)
     result = dict(model=args.model, dataset=args.dataset, problems=args.n, k=args.k, base_accuracy=n_correct / n_total,

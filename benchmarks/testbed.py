@@ -211,7 +211,8 @@ def run_job(job: str, spec: dict, policy: str, held_out: list[dict], base: dict)
     trainer.train()
     keep = ("step", "reward", "tapo/accuracy", "tapo/constructions_attempted", "tapo/constructions_accepted",
             "tapo/parse_rate", "tapo/accept_rate", "tapo/constructed_tokens", "num_tokens")
-    logs = [{k: r[k] for k in keep if k in r} for r in trainer.state.log_history if "reward" in r]
+    logs = [{k: v for k, v in r.items() if k in keep or k.startswith("tapo/rejected_")}
+            for r in trainer.state.log_history if "reward" in r]
     step_s = [s["wall_s"] for s in clock.steps]
     final = curve.points[-1]
     return {"arm": arm, "lr": lr, "seed": seed, "curve": curve.points, "train_logs": logs,
