@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         lrs = chosen_learning_rates(results.load()["jobs"], spec, swept)
         print(f"chosen learning rates: {lrs}", flush=True)
     lrs = {**results.load().get("learning_rates", {}), **lrs}
+    results.update(learning_rates=lrs)  # kept, so a later run without --sweep (or with fewer arms) uses them
     # The main arms first, then the others, each seed-major: a cut-short run has the main comparison's first seeds
     # for every main arm, and every ablation of its first ablation seeds.
     main = [job_id(a, arm_learning_rate(a, lrs, spec["default_lr"]), s) for s in spec["seeds"] for a in spec["arms"]
