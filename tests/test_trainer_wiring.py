@@ -33,7 +33,8 @@ SQRT_24_99 = 0.49236596  # unbiased std of [1, 1, 0, 0, 1, 1] * 2: sqrt((8/9 + 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synthesis_for, **overrides):
+def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synthesis_for, peft_config=None,
+                 **overrides):
     """TAPOTrainer (splice constructions, DCS n_pos=1, n_neg=2, m_max=2) over the two scripted problems."""
     torch.manual_seed(0)
     kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * len(pattern),
@@ -45,7 +46,7 @@ def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synt
             for p, (gold, _, _) in PROBLEMS.items()]
     trainer = TAPOTrainer(model=model or AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[math_reward],
                           args=TAPOConfig(**kwargs), train_dataset=Dataset.from_list(rows),
-                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+                          processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft_config)
     script_generation(trainer, pattern=pattern, synthesis=synthesis)
     return trainer
 
@@ -309,3 +310,63 @@ def test_resume_restores_the_tapo_counters_into_a_new_trainer(tiny_model_dir, tm
     assert rounds_seen == [2]  # DCS of the one new generation is seeded by round 3, not round 1
     assert resumed._generation_round == 3 and resumed._step == 3
     assert math.isfinite(resumed.state.log_history[-1]["train_loss"])
+
+
+def randomize_lora(model, seed=1, scale=1.0):
+    """Random LoRA B matrices of the active adapter (seeded): the adapter then really changes the model (LoRA starts
+    from B = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.default." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def pretrained_adapter(model_dir, lora):
+    """The tiny model with a LoRA adapter that changes it (seeded: the same adapter on every call)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    randomize_lora(model)
+    return model
+
+
+@pytest.mark.parametrize("adapter", ["new", "pretrained"])
+def test_peft_reference_is_the_base_model_or_the_ref_adapter_copy(tiny_model_dir, tmp_path, monkeypatch, adapter):
+    # With PEFT TRL has no ref_model: for a new adapter (peft_config) the reference is the base model, adapters off;
+    # for a pretrained adapter (a PeftModel passed in, beta > 0) TRL copies it as adapter "ref" at start. Each policy
+    # is then moved away from its reference (as training would), so that policy, base and reference all differ.
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=adapter == "new")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = dict(beta=0.04, per_device_train_batch_size=K, steps_per_generation=2)
+    if adapter == "new":
+        trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, **settings)
+        reference = base
+    else:
+        trainer = make_trainer(tiny_model_dir, tmp_path, model=pretrained_adapter(tiny_model_dir, lora), **settings)
+        assert set(trainer.model.peft_config) == {"default", "ref"}
+        reference = pretrained_adapter(tiny_model_dir, lora)  # the adapter as it was when training started
+    assert trainer.ref_model is None
+    randomize_lora(trainer.model, seed=2, scale=2.0)  # "training" moved the policy's adapter
+    calls = []
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(model, input_ids, *args, **kwargs):
+        calls.append(kwargs.get("batch_size"))
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    whole = generation_batch(trainer)
+    assert calls and set(calls) == {K}  # chunked like TRL's own reference pass (the generation batch holds 2K rows)
+    rows = whole[COLUMNS["rows"]].nonzero().flatten()
+    assert rows.numel() == 4
+    mask = whole[COLUMNS["mask"]][rows].bool()
+    expected, _ = constructed_logps(trainer, reference, whole, rows)
+    torch.testing.assert_close(whole[COLUMNS["ref_logps"]][rows][mask], expected[mask], atol=2e-2, rtol=0)
+    # ... and not the policy, nor (for a pretrained adapter) the base model.
+    for other in [trainer.model] + ([base] if adapter == "pretrained" else []):
+        logps, _ = constructed_logps(trainer, other, whole, rows)
+        assert (logps - expected)[mask].abs().mean() > 0.1
