@@ -4,9 +4,10 @@ The core functions (tapo/core) have hand-computed unit tests; these tests check 
 things: L_ref recomputed from a forward pass of the model over the constructed rows (log-probs, entropies, OTS
 weights hitting both clamps, advantages, the global normaliser with steps_per_generation > 1 and gradient
 accumulation) for every aggregation; re-verification rejecting a construction that ends in a wrong answer; the
-old-log-prob and reference-model branches (num_iterations > 1, beta > 0); DAE advantages for every ref_baseline and
-reward scaling; DCS picking a uniform random subset of the wrong rollouts; the TAPO counters restored into a NEW
-trainer on resume. Generation is scripted (tests/scripted.py); everything after it is the real code.
+old-log-prob and reference-model branches (num_iterations > 1, beta > 0), the stored old log-probs on the second
+pass after an optimizer step, the PEFT references (base model, or TRL's "ref" adapter copy); DAE advantages for
+every ref_baseline and reward scaling; DCS picking a uniform random subset of the wrong rollouts; the TAPO counters
+restored into a NEW trainer on resume. Generation is scripted (tests/scripted.py); everything after it is the real code.
 """
 
 import json
@@ -95,7 +96,7 @@ def constructed_logps(trainer, model, batch, rows):
 
 def expected_ref_loss(trainer, micro, whole, beta=None):
     """L_ref of one micro-batch, from scratch: per token -min(r A, clip(r) A) * w + beta * k3-KL, with
-    w = clamp(exp(log p + H), 0.01, 10) and r = exp(log p - old); summed, then divided by the GLOBAL count of the
+    w = clamp(exp(log p + H), ots_low, ots_high) and r = exp(log p - old); summed, then divided by the GLOBAL count of the
     whole generation batch `whole` (tokens, sequences or sequences x ref_max_length) x grad_accum / steps_per_gen.
     Reference log-probs come from a forward pass of trainer.ref_model; beta defaults to the trainer's.
     Returns (loss, raw OTS weights, ratios) of the constructed tokens."""
@@ -107,7 +108,7 @@ def expected_ref_loss(trainer, micro, whole, beta=None):
     mask = micro[COLUMNS["mask"]][rows].float()
     logp, entropy = constructed_logps(trainer, trainer.model, micro, rows)
     raw_w = (logp + entropy).exp()
-    w = raw_w.clamp(0.01, 10.0)
+    w = raw_w.clamp(a.ots_low, a.ots_high)
     old = micro[COLUMNS["old_logps"]][rows] if COLUMNS["old_logps"] in micro else logp
     ratio = (logp - old).exp()
     adv = micro[COLUMNS["advantages"]][rows].unsqueeze(1)
@@ -235,6 +236,37 @@ def test_old_logps_and_reference_branches_with_several_iterations_and_kl(tiny_mo
         torch.testing.assert_close(trainer_ref_loss(trainer, micro), expected, atol=2e-4, rtol=2e-3)
         # ... and that number holds a KL term of real size: without it L_ref would be clearly different.
         assert abs((expected - expected_ref_loss(trainer, micro, whole, beta=0.0)[0]).item()) > 1e-2
+
+
+
+def test_second_pass_ratios_use_the_stored_old_logps_and_the_ots_bounds(tiny_model_dir, tmp_path):
+    # num_iterations=2: the generation batch is trained on twice. After the first pass's optimizer step the policy
+    # has moved, so the constructed rows' ratios r = exp(log p - old) are no longer 1: old must be the stored
+    # no-grad log-probs from generation time. Non-default OTS bounds, both of which bite.
+    trainer = make_trainer(tiny_model_dir, tmp_path, model=sharpened_model(tiny_model_dir), num_iterations=2,
+                           per_device_train_batch_size=K, steps_per_generation=2, gradient_accumulation_steps=2,
+                           ots_low=0.3, ots_high=3.0, constructor="self", synthesis=uneven_synthesis, ref_max_length=400)
+    whole = generation_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 2
+    # A step small enough that OTS weights stay on both sides of the bounds (AdamW moves every weight by ~lr).
+    optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-4)
+    for micro in micro_batches(whole, K):  # the first pass: one optimizer step over the generation batch
+        trainer._compute_loss(trainer.model, micro).backward()
+    optimizer.step()
+
+    ratios = []
+    for micro in micro_batches(whole, K):  # the second pass
+        expected, _, ratio = expected_ref_loss(trainer, micro, whole)
+        torch.testing.assert_close(trainer_ref_loss(trainer, micro), expected, atol=2e-4, rtol=2e-3)
+        ratios.append(ratio)
+    # Either default bound would give another L_ref for the generation batch, by far more than the tolerance above.
+    total = sum(expected_ref_loss(trainer, micro, whole)[0] for micro in micro_batches(whole, K))
+    for name, default in (("ots_low", 0.01), ("ots_high", 10.0)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trainer.args, name, default)
+            other = sum(expected_ref_loss(trainer, micro, whole)[0] for micro in micro_batches(whole, K))
+        assert abs((other - total).item()) > 5 * (2e-4 + 2e-3 * abs(total.item()))
+    assert (torch.cat(ratios) - 1).abs().mean() > 0.05  # far beyond the bf16 noise of the tolerance above
 
 
 # Rewards [1, 1, 0, 0] in both groups; every accepted construction has reward 1.
