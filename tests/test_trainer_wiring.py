@@ -341,6 +341,8 @@ def test_resume_restores_the_tapo_counters_into_a_new_trainer(tiny_model_dir, tm
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert rounds_seen == [2]  # DCS of the one new generation is seeded by round 3, not round 1
     assert resumed._generation_round == 3 and resumed._step == 3
+    # The optimizer state came back too: AdamW has taken 3 steps, not 1.
+    assert {int(state["step"]) for state in resumed.optimizer.state.values()} == {3}
     assert math.isfinite(resumed.state.log_history[-1]["train_loss"])
 
 
