@@ -242,12 +242,16 @@ def test_old_logps_and_reference_branches_with_several_iterations_and_kl(tiny_mo
 def test_second_pass_ratios_use_the_stored_old_logps_and_the_ots_bounds(tiny_model_dir, tmp_path):
     # num_iterations=2: the generation batch is trained on twice. After the first pass's optimizer step the policy
     # has moved, so the constructed rows' ratios r = exp(log p - old) are no longer 1: old must be the stored
-    # no-grad log-probs from generation time. Non-default OTS bounds, both of which bite.
+    # no-grad log-probs from generation time. Non-default OTS bounds and clip range, all of which bite.
     trainer = make_trainer(tiny_model_dir, tmp_path, model=sharpened_model(tiny_model_dir), num_iterations=2,
                            per_device_train_batch_size=K, steps_per_generation=2, gradient_accumulation_steps=2,
-                           ots_low=0.3, ots_high=3.0, constructor="self", synthesis=uneven_synthesis, ref_max_length=400)
+                           ots_low=0.3, ots_high=3.0, epsilon=0.02, epsilon_high=0.05, constructor="self",
+                           synthesis=uneven_synthesis, ref_max_length=400)
     whole = generation_batch(trainer)
     trainer.current_gradient_accumulation_steps = 2
+    # Negative advantages in the second micro-batch, as a construction gets when it scores below its group's mean
+    # (non-binary rewards): only there does the lower clip epsilon_low matter.
+    whole[COLUMNS["advantages"]][K:] *= -1
     # A step small enough that OTS weights stay on both sides of the bounds (AdamW moves every weight by ~lr).
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-4)
     for micro in micro_batches(whole, K):  # the first pass: one optimizer step over the generation batch
@@ -259,11 +263,12 @@ def test_second_pass_ratios_use_the_stored_old_logps_and_the_ots_bounds(tiny_mod
         expected, _, ratio = expected_ref_loss(trainer, micro, whole)
         torch.testing.assert_close(trainer_ref_loss(trainer, micro), expected, atol=2e-4, rtol=2e-3)
         ratios.append(ratio)
-    # Either default bound would give another L_ref for the generation batch, by far more than the tolerance above.
+    # Any one default setting would give another L_ref for the generation batch, by far more than the tolerance above.
     total = sum(expected_ref_loss(trainer, micro, whole)[0] for micro in micro_batches(whole, K))
-    for name, default in (("ots_low", 0.01), ("ots_high", 10.0)):
+    for owner, name, default in ((trainer.args, "ots_low", 0.01), (trainer.args, "ots_high", 10.0),
+                                 (trainer, "epsilon_low", 0.2), (trainer, "epsilon_high", 0.2)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(trainer.args, name, default)
+            mp.setattr(owner, name, default)
             other = sum(expected_ref_loss(trainer, micro, whole)[0] for micro in micro_batches(whole, K))
         assert abs((other - total).item()) > 5 * (2e-4 + 2e-3 * abs(total.item()))
     assert (torch.cat(ratios) - 1).abs().mean() > 0.05  # far beyond the bf16 noise of the tolerance above
