@@ -5,6 +5,9 @@
 #
 #   scripts/mutation.sh                               # the glue files in the order below (see TESTS_FOR)
 #   scripts/mutation.sh tapo/evaluation/metrics.py    # one file
+#   MUTATION_SAMPLE=0.15 MUTATION_SEED=0 scripts/mutation.sh tapo/trainer.py
+#       # a seeded stratified sample: that fraction of each function's mutants (at least 2), drawn by function name and
+#       # seed only, for a file whose every mutant would take too long (report it as a sample, with its interval)
 #
 # Each file is mutated in a scratch copy of the checkout (MUTATION_DIR, default /tmp/tapo-mutation/<file>), never in
 # the working tree. Per file it prints killed / survived / other counts and the survivors' names; read a survivor
@@ -27,8 +30,8 @@ python3 -c 'import mutmut' 2>/dev/null || python3 -m pip install --quiet mutmut=
 declare -A TESTS_FOR=(
   [tapo/construct.py]="tests/test_construct.py tests/test_trainer_wiring.py tests/test_trainer.py"
   [tapo/opsd.py]="tests/test_opsd.py"
-  [tapo/trainer.py]="tests/test_trainer.py tests/test_trainer_wiring.py tests/test_reliability.py tests/test_microbatch.py"
-  [tapo/trainer_base.py]="tests/test_reliability.py tests/test_trainer_wiring.py tests/test_trainer.py tests/test_opsd.py"
+  [tapo/trainer.py]="tests/test_trainer.py tests/test_trainer_wiring.py tests/test_construction_path.py tests/test_trl_parity.py tests/test_reliability.py tests/test_microbatch.py tests/test_construct.py tests/test_opsd.py tests/test_modelcard.py"
+  [tapo/trainer_base.py]="tests/test_reliability.py tests/test_trainer_wiring.py tests/test_trainer.py tests/test_construction_path.py tests/test_trl_parity.py tests/test_microbatch.py tests/test_opsd.py tests/test_modelcard.py"
   [tapo/evaluation/metrics.py]="tests/test_eval_metrics.py tests/test_eval_run.py"
 )
 
@@ -58,7 +61,27 @@ also_copy = ["tests"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--deselect", "$SUBPROCESS_TEST"]
 EOF
   echo "== $file  (tests: $tests)"
-  (cd "$scratch" && PYTHONPATH="$scratch" python3 -m mutmut run --max-children "$JOBS" >"$scratch/run.log" 2>&1) || {
+  names=()
+  if [ -n "${MUTATION_SAMPLE:-}" ]; then
+    # Generate every mutant and record which tests cover which function, then stop: the name matches no mutant, which
+    # mutmut reports only after those steps. The mutant names are then known, and the sample is drawn from them.
+    (cd "$scratch" && PYTHONPATH="$scratch" python3 -m mutmut run "no-such-mutant" >"$scratch/generate.log" 2>&1) || true
+    (cd "$scratch" && python3 -m mutmut results --all true) | python3 -c '
+import collections, math, random, sys
+fraction, seed = float(sys.argv[1]), sys.argv[2]
+by_function = collections.defaultdict(list)
+for line in sys.stdin:
+    name = line.split(": ")[0].strip()
+    by_function[name.rsplit("__mutmut_", 1)[0]].append(name)
+for function, names in sorted(by_function.items()):
+    k = min(len(names), max(2, math.ceil(fraction * len(names))))
+    print(*random.Random(f"{seed}-{function}").sample(sorted(names), k), sep="\n")
+' "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" >"$scratch/sample.txt"
+    mapfile -t names <"$scratch/sample.txt"
+    [ ${#names[@]} -gt 0 ] || { echo "mutation.sh: no mutants generated for $file; see $scratch/generate.log" >&2; exit 1; }
+    echo "   sample: ${#names[@]} mutants (fraction $MUTATION_SAMPLE per function, seed ${MUTATION_SEED:-0}), listed in $scratch/sample.txt"
+  fi
+  (cd "$scratch" && PYTHONPATH="$scratch" python3 -m mutmut run --max-children "$JOBS" "${names[@]}" >"$scratch/run.log" 2>&1) || {
     echo "mutmut run failed for $file; see $scratch/run.log" >&2; tail -20 "$scratch/run.log" >&2; exit 1; }
   (cd "$scratch" && python3 -m mutmut results --all true) >"$scratch/results.txt"
   awk -F': ' '{n[$2]++} END {for (s in n) printf "   %s: %d\n", s, n[s]}' "$scratch/results.txt" | sort

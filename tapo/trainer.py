@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 from accelerate.utils import gather, gather_object
-from trl.trainer.utils import pad
+from trl.trainer.utils import pad, use_adapter
 
 from tapo.config import TAPOConfig
 from tapo.construct import (ConstructionError, ConstructionRequest, HFGenerator, OpenAIChatGenerator, Truncated,
@@ -227,8 +227,8 @@ class TAPOTrainer(TrainerBase):
         chunk = self.args.per_device_train_batch_size
         if self.ref_model is not None:
             return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention, keep, batch_size=chunk)[0]
-        from trl.models.utils import use_adapter  # PEFT: the base model (adapter disabled) is the reference
-
+        # PEFT, as TRL does for its own rows: the adapter TRL copied as "ref" when training a pretrained adapter, else
+        # the base model (adapters disabled).
         model = self.accelerator.unwrap_model(self.model)
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
             return self._get_per_token_logps_and_entropies(self.model, input_ids, attention, keep, batch_size=chunk)[0]

@@ -195,3 +195,12 @@ def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):
     assert len(asked) == 4 and all("<analysis>" in m for m in asked)
     assert int(out["constructed_rows"].sum()) == 4
     assert trainer._metrics["train"]["tapo/constructions_accepted"] == [4.0]
+
+
+def test_without_mixed_precision_the_teacher_runs_in_the_policys_dtype(tiny_model_dir, tmp_path):
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="teacher", teacher_model=str(tiny_model_dir), bf16=False)
+    assert trainer._teacher.model.dtype == torch.float32
+    trainer.model.double()
+    assert trainer._teacher_dtype() == torch.float64  # the policy's parameter dtype, whatever it is

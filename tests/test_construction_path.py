@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from tapo.config import EMBEDDED_DEFAULTS, TAPOConfig
+from tapo.construct import Truncated
 from tapo.core.synthesis import REJECTIONS
+from tapo.models import TINY_CHAT_TEMPLATE
+from tapo.trainer import TAPOTrainer
 
 from scripted import COLUMNS, PROBLEMS, generation_batch, one_token_per_char, script_generation, synthesis_for
 from test_trainer_wiring import SQRT_1_3, make_trainer
@@ -196,3 +199,67 @@ def test_syntheses_that_hit_the_budget_are_counted(tiny_model_dir, tmp_path):
     assert default.args.synthesis_max_tokens == 3 * 64 + 64
     assert int(generation_batch(default)[COLUMNS["rows"]].sum()) == 4
     assert tapo_metrics(default)["tapo/synthesis_truncated"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------- self synthesis generation
+
+def generator_spy(trainer, answer=None):
+    """Replaces the trainer's generation backend with a recorder of what it is given (and of the generation budget
+    in force), which answers with TRL's real transformers generation, or with `answer` (lists of token ids)."""
+    seen = []
+    real = TAPOTrainer._generate_single_turn.__get__(trainer)
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        seen.append(dict(prompt_ids=prompt_ids, images=images, multimodal_fields=multimodal_fields,
+                         num_generations=num_generations, max_new_tokens=trainer.generation_config.max_new_tokens))
+        out = answer if answer is not None else real(prompt_ids, images, multimodal_fields, num_generations)[0]
+        seen[-1]["completion_ids"] = out
+        return out, None
+
+    trainer._generate_single_turn = generate
+    return seen
+
+
+def test_self_syntheses_are_chat_prompts_generated_by_trl_within_the_synthesis_budget(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="self", synthesis_max_tokens=7,
+                           max_completion_length=3, chat_template_kwargs={"note": "Be brief."})
+    tokenizer = trainer._tokenizer
+    tokenizer.chat_template = "{% if note %}{{ note }}{% endif %}" + TINY_CHAT_TEMPLATE  # uses the template kwarg
+    seen = generator_spy(trainer)
+    messages = ["Fix 2 + 2 = 5.", "Fix 3 * 3 = 6."]
+    texts = trainer._self_generate(messages)
+
+    [call] = seen
+    # One user turn per synthesis message, in the chat format with the generation prompt and the template kwargs,
+    # as plain lists of token ids (what TRL's backends take).
+    assert call["prompt_ids"] == [tokenizer(f"Be brief.<s><|user|>\n{m}</s>\n<|assistant|>\n",
+                                            add_special_tokens=False)["input_ids"] for m in messages]
+    assert call["images"] is None and call["multimodal_fields"] == {} and call["num_generations"] == 1
+    # Generation runs with the synthesis budget (not max_completion_length), which is restored afterwards.
+    assert call["max_new_tokens"] == 7 and trainer.generation_config.max_new_tokens == 3
+    # The random tiny model never stops on its own: every synthesis runs out of budget and is marked so.
+    assert [len(ids) for ids in call["completion_ids"]] == [7, 7]
+    assert all(isinstance(t, Truncated) for t in texts)
+    assert texts == tokenizer.batch_decode(call["completion_ids"], skip_special_tokens=True)
+
+
+def test_self_synthesis_decoding_and_truncation_marks(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="self", synthesis_max_tokens=6)
+    tokenizer = trainer._tokenizer
+    word = tokenizer("fix", add_special_tokens=False)["input_ids"]
+    user, eos, pad = tokenizer.convert_tokens_to_ids("<|user|>"), tokenizer.eos_token_id, tokenizer.pad_token_id
+    filler = (word * 6)[:5]
+    answer = [word + [user] + word + [eos],  # special tokens are dropped from the text; ended by eos
+              filler + [word[0]],  # as long as the budget, no stop token: truncated
+              filler + [eos],  # as long as the budget, but it stopped
+              filler + [pad]]  # ... padded after its stop
+    generator_spy(trainer, answer)
+    texts = trainer._self_generate(["a", "b", "c", "d"])
+    assert texts == [tokenizer.decode(word + word), tokenizer.decode(filler + [word[0]]),
+                     tokenizer.decode(filler), tokenizer.decode(filler)]
+    assert [isinstance(t, Truncated) for t in texts] == [False, True, False, False]
+    assert "<|user|>" not in texts[0] and "</s>" not in texts[0]
+
+    # Exactly one synthesis in the batch is generated too.
+    generator_spy(trainer, [word + [eos]])
+    assert trainer._self_generate(["only one"]) == [tokenizer.decode(word)]

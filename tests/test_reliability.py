@@ -21,7 +21,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
 from tapo.cli import main
@@ -191,10 +191,33 @@ def test_checkpoints_are_atomic_and_carry_the_tapo_state(tiny_model_dir, tmp_pat
     assert trainer._generation_round == 3
 
     # Saving that step again (the next attempt) clears the leftover and completes checkpoint-3.
+    (tmp_path / ".tmp-checkpoint-3" / "checkpoint-3" / "stale.bin").write_text("from the crashed save")
     monkeypatch.undo()
     trainer._save_checkpoint(trainer.model, None)
     assert (tmp_path / "checkpoint-3" / "optimizer.pt").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "checkpoint-3" / "stale.bin").exists()
     assert json.loads((tmp_path / "checkpoint-3" / TAPO_STATE_FILE).read_text())["generation_round"] == 3
+
+
+
+def test_the_best_checkpoint_is_recorded_under_its_final_name(tiny_model_dir, tmp_path):
+    # When an evaluation marks a step best (state.best_global_step, as with metric_for_best_model), transformers
+    # records best_model_checkpoint as the folder it writes that step to: here the staging folder. The state and the
+    # checkpoint's trainer_state.json must name the final checkpoint-N instead, and rotation must keep it.
+    class StepOneIsBest(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                state.best_global_step = 1
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=3, save_strategy="steps", save_steps=1,
+                           save_total_limit=2)
+    trainer.add_callback(StepOneIsBest())
+    trainer.train()
+    best = str(tmp_path / "checkpoint-1")
+    assert trainer.state.best_model_checkpoint == best
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]  # best and last
+    for step in (1, 3):
+        assert json.loads((tmp_path / f"checkpoint-{step}" / "trainer_state.json").read_text())["best_model_checkpoint"] == best
 
 
 def test_resume_never_picks_a_half_written_checkpoint(tmp_path):

@@ -45,11 +45,11 @@ def make_trainer(tiny_model_dir, tmp_path, cls=TAPOTrainer, **overrides):
 
 @pytest.mark.parametrize("constructor", ["splice", "self"])
 def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tmp_path, constructor, monkeypatch):
-    labelled = []  # (ids, span labels) of every construction the trainer tokenizes
+    labelled = []  # (ids, span labels, trajectory) of every construction the trainer tokenizes
 
-    def recording_token_ids(*args, **kwargs):
-        ids, labels = trajectory_token_ids(*args, **kwargs)
-        labelled.append((ids, labels))
+    def recording_token_ids(tokenizer, trajectory, *args, **kwargs):
+        ids, labels = trajectory_token_ids(tokenizer, trajectory, *args, **kwargs)
+        labelled.append((ids, labels, trajectory))
         return ids, labels
 
     monkeypatch.setattr("tapo.trainer.trajectory_token_ids", recording_token_ids)
@@ -79,13 +79,27 @@ def test_constructions_are_attached_with_their_own_advantages(tiny_model_dir, tm
     for r in rows:
         n = int(out["constructed_completion_mask"][r].sum())
         ids = out["constructed_completion_ids"][r][:n]
-        labels = torch.tensor(next(lab for i, lab in labelled if i == ids.tolist()))
+        labels = torch.tensor(next(lab for i, lab, _ in labelled if i == ids.tolist()))
         part = {lab: trainer._tokenizer.decode(ids[labels == lab]) for lab in (PREFIX, REFLECTION, CORRECTION)}
         wrong = completions[r]
         assert wrong.startswith(part[PREFIX].rstrip()) or part[PREFIX] == ""
         assert "wrong" in part[REFLECTION].lower()
         assert "\\boxed{56}" in part[CORRECTION] or "\\boxed{24}" in part[CORRECTION]
         assert (labels >= 0).all()
+
+    # The logged means over the accepted constructions, recomputed from their tokens, span labels and trajectories.
+    kept = [next((lab, t) for i, lab, t in labelled
+                 if i == out["constructed_completion_ids"][r][: int(out["constructed_completion_mask"][r].sum())].tolist())
+            for r in rows]
+    assert metrics["tapo/constructed_tokens"] == [float(sum(len(lab) for lab, _ in kept))]
+    assert metrics["tapo/prefix_fraction"] == [pytest.approx(sum(t.prefix_fraction for _, t in kept) / 4)]
+    assert metrics["tapo/reflection_tokens"] == [pytest.approx(sum(list(lab).count(REFLECTION) for lab, _ in kept) / 4)]
+    for name, label in (("prefix", PREFIX), ("reflection", REFLECTION), ("correction", CORRECTION)):
+        expected_fraction = sum(list(lab).count(label) / len(lab) for lab, _ in kept) / 4
+        assert metrics[f"tapo/span_{name}_frac"] == [pytest.approx(expected_fraction)]
+    # (The scripted wrong rollouts err in their first step, so the prefix is empty; the other spans are not.)
+    reflection, correction = metrics["tapo/span_reflection_frac"][0], metrics["tapo/span_correction_frac"][0]
+    assert 0 < reflection < 1 and 0 < correction < 1 and reflection != pytest.approx(correction)
 
 
 def test_original_advantages_equal_plain_grpo_on_the_same_batch(tiny_model_dir, tmp_path):

@@ -4,9 +4,10 @@ The core functions (tapo/core) have hand-computed unit tests; these tests check 
 things: L_ref recomputed from a forward pass of the model over the constructed rows (log-probs, entropies, OTS
 weights hitting both clamps, advantages, the global normaliser with steps_per_generation > 1 and gradient
 accumulation) for every aggregation; re-verification rejecting a construction that ends in a wrong answer; the
-old-log-prob and reference-model branches (num_iterations > 1, beta > 0); DAE advantages for every ref_baseline and
-reward scaling; DCS picking a uniform random subset of the wrong rollouts; the TAPO counters restored into a NEW
-trainer on resume. Generation is scripted (tests/scripted.py); everything after it is the real code.
+old-log-prob and reference-model branches (num_iterations > 1, beta > 0), the stored old log-probs on the second
+pass after an optimizer step, the PEFT references (base model, or TRL's "ref" adapter copy); DAE advantages for
+every ref_baseline and reward scaling; DCS picking a uniform random subset of the wrong rollouts; the TAPO counters
+restored into a NEW trainer on resume. Generation is scripted (tests/scripted.py); everything after it is the real code.
 """
 
 import json
@@ -33,7 +34,8 @@ SQRT_24_99 = 0.49236596  # unbiased std of [1, 1, 0, 0, 1, 1] * 2: sqrt((8/9 + 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synthesis_for, **overrides):
+def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synthesis_for, peft_config=None,
+                 **overrides):
     """TAPOTrainer (splice constructions, DCS n_pos=1, n_neg=2, m_max=2) over the two scripted problems."""
     torch.manual_seed(0)
     kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * len(pattern),
@@ -45,7 +47,7 @@ def make_trainer(model_dir, tmp_path, model=None, pattern="RRWW", synthesis=synt
             for p, (gold, _, _) in PROBLEMS.items()]
     trainer = TAPOTrainer(model=model or AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[math_reward],
                           args=TAPOConfig(**kwargs), train_dataset=Dataset.from_list(rows),
-                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+                          processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft_config)
     script_generation(trainer, pattern=pattern, synthesis=synthesis)
     return trainer
 
@@ -94,7 +96,7 @@ def constructed_logps(trainer, model, batch, rows):
 
 def expected_ref_loss(trainer, micro, whole, beta=None):
     """L_ref of one micro-batch, from scratch: per token -min(r A, clip(r) A) * w + beta * k3-KL, with
-    w = clamp(exp(log p + H), 0.01, 10) and r = exp(log p - old); summed, then divided by the GLOBAL count of the
+    w = clamp(exp(log p + H), ots_low, ots_high) and r = exp(log p - old); summed, then divided by the GLOBAL count of the
     whole generation batch `whole` (tokens, sequences or sequences x ref_max_length) x grad_accum / steps_per_gen.
     Reference log-probs come from a forward pass of trainer.ref_model; beta defaults to the trainer's.
     Returns (loss, raw OTS weights, ratios) of the constructed tokens."""
@@ -106,7 +108,7 @@ def expected_ref_loss(trainer, micro, whole, beta=None):
     mask = micro[COLUMNS["mask"]][rows].float()
     logp, entropy = constructed_logps(trainer, trainer.model, micro, rows)
     raw_w = (logp + entropy).exp()
-    w = raw_w.clamp(0.01, 10.0)
+    w = raw_w.clamp(a.ots_low, a.ots_high)
     old = micro[COLUMNS["old_logps"]][rows] if COLUMNS["old_logps"] in micro else logp
     ratio = (logp - old).exp()
     adv = micro[COLUMNS["advantages"]][rows].unsqueeze(1)
@@ -236,6 +238,42 @@ def test_old_logps_and_reference_branches_with_several_iterations_and_kl(tiny_mo
         assert abs((expected - expected_ref_loss(trainer, micro, whole, beta=0.0)[0]).item()) > 1e-2
 
 
+
+def test_second_pass_ratios_use_the_stored_old_logps_and_the_ots_bounds(tiny_model_dir, tmp_path):
+    # num_iterations=2: the generation batch is trained on twice. After the first pass's optimizer step the policy
+    # has moved, so the constructed rows' ratios r = exp(log p - old) are no longer 1: old must be the stored
+    # no-grad log-probs from generation time. Non-default OTS bounds and clip range, all of which bite.
+    trainer = make_trainer(tiny_model_dir, tmp_path, model=sharpened_model(tiny_model_dir), num_iterations=2,
+                           per_device_train_batch_size=K, steps_per_generation=2, gradient_accumulation_steps=2,
+                           ots_low=0.3, ots_high=3.0, epsilon=0.02, epsilon_high=0.05, constructor="self",
+                           synthesis=uneven_synthesis, ref_max_length=400)
+    whole = generation_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 2
+    # Negative advantages in the second micro-batch, as a construction gets when it scores below its group's mean
+    # (non-binary rewards): only there does the lower clip epsilon_low matter.
+    whole[COLUMNS["advantages"]][K:] *= -1
+    # A step small enough that OTS weights stay on both sides of the bounds (AdamW moves every weight by ~lr).
+    optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-4)
+    for micro in micro_batches(whole, K):  # the first pass: one optimizer step over the generation batch
+        trainer._compute_loss(trainer.model, micro).backward()
+    optimizer.step()
+
+    ratios = []
+    for micro in micro_batches(whole, K):  # the second pass
+        expected, _, ratio = expected_ref_loss(trainer, micro, whole)
+        torch.testing.assert_close(trainer_ref_loss(trainer, micro), expected, atol=2e-4, rtol=2e-3)
+        ratios.append(ratio)
+    # Any one default setting would give another L_ref for the generation batch, by far more than the tolerance above.
+    total = sum(expected_ref_loss(trainer, micro, whole)[0] for micro in micro_batches(whole, K))
+    for owner, name, default in ((trainer.args, "ots_low", 0.01), (trainer.args, "ots_high", 10.0),
+                                 (trainer, "epsilon_low", 0.2), (trainer, "epsilon_high", 0.2)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(owner, name, default)
+            other = sum(expected_ref_loss(trainer, micro, whole)[0] for micro in micro_batches(whole, K))
+        assert abs((other - total).item()) > 5 * (2e-4 + 2e-3 * abs(total.item()))
+    assert (torch.cat(ratios) - 1).abs().mean() > 0.05  # far beyond the bf16 noise of the tolerance above
+
+
 # Rewards [1, 1, 0, 0] in both groups; every accepted construction has reward 1.
 @pytest.mark.parametrize(("ref_baseline", "scale", "original", "constructed"), [
     ("orig", "group", 0.5 / (SQRT_1_3 + 1e-4), 0.5 / (SQRT_1_3 + 1e-4)),
@@ -308,4 +346,66 @@ def test_resume_restores_the_tapo_counters_into_a_new_trainer(tiny_model_dir, tm
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert rounds_seen == [2]  # DCS of the one new generation is seeded by round 3, not round 1
     assert resumed._generation_round == 3 and resumed._step == 3
+    # The optimizer state came back too: AdamW has taken 3 steps, not 1.
+    assert {int(state["step"]) for state in resumed.optimizer.state.values()} == {3}
     assert math.isfinite(resumed.state.log_history[-1]["train_loss"])
+
+
+def randomize_lora(model, seed=1, scale=1.0):
+    """Random LoRA B matrices of the active adapter (seeded): the adapter then really changes the model (LoRA starts
+    from B = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.default." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def pretrained_adapter(model_dir, lora):
+    """The tiny model with a LoRA adapter that changes it (seeded: the same adapter on every call)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    randomize_lora(model)
+    return model
+
+
+@pytest.mark.parametrize("adapter", ["new", "pretrained"])
+def test_peft_reference_is_the_base_model_or_the_ref_adapter_copy(tiny_model_dir, tmp_path, monkeypatch, adapter):
+    # With PEFT TRL has no ref_model: for a new adapter (peft_config) the reference is the base model, adapters off;
+    # for a pretrained adapter (a PeftModel passed in, beta > 0) TRL copies it as adapter "ref" at start. Each policy
+    # is then moved away from its reference (as training would), so that policy, base and reference all differ.
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=adapter == "new")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = dict(beta=0.04, per_device_train_batch_size=K, steps_per_generation=2)
+    if adapter == "new":
+        trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, **settings)
+        reference = base
+    else:
+        trainer = make_trainer(tiny_model_dir, tmp_path, model=pretrained_adapter(tiny_model_dir, lora), **settings)
+        assert set(trainer.model.peft_config) == {"default", "ref"}
+        reference = pretrained_adapter(tiny_model_dir, lora)  # the adapter as it was when training started
+    assert trainer.ref_model is None
+    randomize_lora(trainer.model, seed=2, scale=2.0)  # "training" moved the policy's adapter
+    calls = []
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(model, input_ids, *args, **kwargs):
+        calls.append(kwargs.get("batch_size"))
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    whole = generation_batch(trainer)
+    assert calls and set(calls) == {K}  # chunked like TRL's own reference pass (the generation batch holds 2K rows)
+    rows = whole[COLUMNS["rows"]].nonzero().flatten()
+    assert rows.numel() == 4
+    mask = whole[COLUMNS["mask"]][rows].bool()
+    expected, _ = constructed_logps(trainer, reference, whole, rows)
+    torch.testing.assert_close(whole[COLUMNS["ref_logps"]][rows][mask], expected[mask], atol=2e-2, rtol=0)
+    # ... and not the policy, nor (for a pretrained adapter) the base model.
+    for other in [trainer.model] + ([base] if adapter == "pretrained" else []):
+        logps, _ = constructed_logps(trainer, other, whole, rows)
+        assert (logps - expected)[mask].abs().mean() > 0.1
