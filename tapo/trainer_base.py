@@ -6,7 +6,9 @@
 - resume: a sampler that gives every epoch the order an uninterrupted run gives it, atomic checkpoints, and the
   trainer's own counters in RUN/checkpoint-N/tapo_state.json (`tapo.runfolder`);
 - the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
-  ran on which base model.
+  ran on which base model;
+- memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and
+  smaller LM-head tiles when training on the CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
+from tapo.memory import ReleaseFreedMemory, release_freed_memory, use_small_lm_head_tiles
 from tapo.modelcard import model_card
 from tapo.models import describe_base_model
 from tapo.runfolder import read_tapo_state, write_tapo_state
@@ -70,6 +73,9 @@ class TrainerBase(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(ReleaseFreedMemory())
+        if self.accelerator.device.type == "cpu":
+            use_small_lm_head_tiles()
         self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
         self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
 
@@ -78,7 +84,9 @@ class TrainerBase(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._scored = None
-        return super()._generate_and_score_completions(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        release_freed_memory()  # the generation cache and the rollouts' temporaries, before the first micro-batch
+        return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
