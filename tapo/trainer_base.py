@@ -2,7 +2,8 @@
 
 - reward bookkeeping: what TRL's `_calculate_rewards` saw for the current generation batch, as one `ScoredBatch`;
 - the normalizer that spreads a generation batch's global count over micro-batches and processes (TRL's "dapo");
-- the non-finite loss guard (`NonFiniteLossError` before backward);
+- the non-finite loss guard (`NonFiniteLossError` before backward), and one loss term backpropagated before the next
+  one's forward (`_backward_first`);
 - resume: a sampler that gives every epoch the order an uninterrupted run gives it, atomic checkpoints, and the
   trainer's own counters in RUN/checkpoint-N/tapo_state.json (`tapo.runfolder`);
 - the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import DistributedType, gather, gather_object
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, get_config_model_id
@@ -143,6 +144,20 @@ class TrainerBase(GRPOTrainer):
         if self.model.training:
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normalizer
+
+    def _backward_first(self, loss: torch.Tensor, inputs: dict, **parts: torch.Tensor) -> torch.Tensor:
+        """Backpropagate `loss`, one term of this micro-batch's loss, now, and return it detached; the caller adds it
+        to the terms it computes next and returns the sum, whose backward (Trainer.training_step) then covers only
+        those. Same gradient (a sum of the terms' gradients, same scaling through `accelerator.backward`), but the
+        activations of one forward are freed before the next forward runs, instead of all being alive until one
+        backward: for TAPO, a row and its constructed row. Only in a single process (DDP, FSDP and DeepSpeed
+        synchronize or count per backward) and in training; otherwise `loss` is returned as it is."""
+        if not (self.model.training and torch.is_grad_enabled() and loss.requires_grad) or \
+                self.accelerator.distributed_type != DistributedType.NO:
+            return loss
+        self._checked_finite(loss, inputs, **parts)
+        self.accelerator.backward(loss)
+        return loss.detach()
 
     def _checked_finite(self, loss: torch.Tensor, inputs: dict, **parts: torch.Tensor) -> torch.Tensor:
         """`loss`, or NonFiniteLossError before a NaN/inf reaches backward (and so the weights and checkpoints)."""

@@ -94,3 +94,29 @@ def test_tiles_change_log_probs_and_entropies_only_in_rounding(tiny_model_dir, m
     for a, b in zip(whole, tiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert whole[0].abs().sum() > 0
+
+
+def test_grpo_backward_before_ref_forward_gives_the_same_gradient(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tmp_path, loss_type="dapo")
+    batch = generation_batch(trainer)
+    assert int(batch["constructed_rows"].sum()) > 0  # L_ref is in this micro-batch
+    backward = trainer.accelerator.backward
+    calls = []
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kw: (calls.append(1), backward(loss, **kw)))
+
+    def step():
+        """What Trainer.training_step does with a prepared micro-batch: the loss, its backward, the gradient."""
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        trainer.accelerator.backward(loss)
+        return loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    split_loss, split_grad = step()
+    assert len(calls) == 2  # L_GRPO's backward, then the returned loss's (L_ref only)
+    calls.clear()
+    monkeypatch.setattr(trainer, "_backward_first", lambda loss, inputs, **parts: loss)
+    joint_loss, joint_grad = step()
+    assert len(calls) == 1
+    torch.testing.assert_close(split_loss, joint_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(split_grad, joint_grad, rtol=1e-5, atol=1e-7)
+    assert joint_grad.norm() > 0
