@@ -54,7 +54,8 @@ class ScoredBatch(NamedTuple):
 
 
 class NonFiniteLossError(RuntimeError):
-    """A NaN/inf loss; raised before backward, so the weights and every saved checkpoint stay as they were."""
+    """A NaN/inf loss; raised before its backward and the optimizer step, so the weights and every saved checkpoint
+    stay as they were."""
 
 
 class ResumableRepeatSampler(RepeatSampler):

@@ -15,6 +15,7 @@ from tapo import memory
 from tapo.memory import CPU_LM_HEAD_TILE, ReleaseFreedMemory, use_small_lm_head_tiles
 
 from scripted import generation_batch
+from test_opsd import make_trainer as make_opsd_trainer
 from test_trainer import make_trainer
 
 # A fresh process: raise glibc's mmap threshold the way training does (free one 16 MB block), fill the heap with
@@ -96,10 +97,16 @@ def test_tiles_change_log_probs_and_entropies_only_in_rounding(tiny_model_dir, m
     assert whole[0].abs().sum() > 0
 
 
-def test_grpo_backward_before_ref_forward_gives_the_same_gradient(tiny_model_dir, tmp_path, monkeypatch):
-    trainer = make_trainer(tiny_model_dir, tmp_path, loss_type="dapo")
+@pytest.mark.parametrize("algorithm", ["tapo", "opsd"])
+def test_grpo_backward_before_the_next_forward_gives_the_same_gradient(tiny_model_dir, tmp_path, monkeypatch, algorithm):
+    """L_GRPO is backpropagated before L_ref's (TAPO) or the student's and teacher's (OPSD) forwards."""
+    make = make_trainer if algorithm == "tapo" else make_opsd_trainer
+    trainer = make(tiny_model_dir, tmp_path, loss_type="dapo")
     batch = generation_batch(trainer)
-    assert int(batch["constructed_rows"].sum()) > 0  # L_ref is in this micro-batch
+    if algorithm == "tapo":
+        assert int(batch["constructed_rows"].sum()) > 0  # L_ref is in this micro-batch
+    else:
+        assert bool(batch["opsd_mask_rows"].any())
     backward = trainer.accelerator.backward
     calls = []
     monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kw: (calls.append(1), backward(loss, **kw)))
@@ -112,7 +119,7 @@ def test_grpo_backward_before_ref_forward_gives_the_same_gradient(tiny_model_dir
         return loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
 
     split_loss, split_grad = step()
-    assert len(calls) == 2  # L_GRPO's backward, then the returned loss's (L_ref only)
+    assert len(calls) == 2  # L_GRPO's backward, then the returned loss's (L_ref or L_OPSD only)
     calls.clear()
     monkeypatch.setattr(trainer, "_backward_first", lambda loss, inputs, **parts: loss)
     joint_loss, joint_grad = step()
