@@ -1,19 +1,20 @@
-"""Two things that keep a CPU training process small (measured on the SmolLM2 default: `benchmarks/README.md`, memory).
+"""Two things that keep a CPU training process small (measured on SmolLM2: `benchmarks/README.md`, memory).
 
-Freed memory back to the OS at the boundaries of a training step (glibc's malloc; a no-op elsewhere). Why: glibc raises its mmap threshold (up to 32 MiB) the first time a large block is freed, so from then on the
-1-3 MB activation tensors of every forward come from the heap, and a heap only shrinks from its top. Measured on the
-SmolLM2 default: after the optimizer step the process still held 3.4 GiB, 1.4 GiB of it free heap, and that slack
-was carried into the next generation and backward (`benchmarks/README.md`, memory). `malloc_trim(0)` returns every
-free page, from the middle of the heap too (glibc >= 2.8). It is called twice per step, after generation (the KV
-cache is gone) and after the optimizer step (the gradients are gone): a few ms each, plus page faults when the
-memory is used again. A fixed small mmap threshold would avoid the slack altogether, but made an allocation-heavy
-loop of activation-sized tensors 45% slower (page faults on every fresh block), so it is not set.
+Freed memory goes back to the OS at the boundaries of a training step (glibc's malloc; a no-op elsewhere). glibc
+raises its mmap threshold (up to 32 MiB) the first time a large block is freed, so from then on the 1-3 MB
+activation tensors of every forward come from the heap, and a heap only shrinks from its top: after an optimizer
+step a SmolLM2 training loop still held 3.4 GiB, 1.4 GiB of it free heap, carried into the next generation and
+backward. `malloc_trim(0)` returns every free page, from the middle of the heap too (glibc >= 2.8). It is called
+twice per step, after generation (the generation cache is gone) and after the optimizer step (the gradients are
+gone): a few ms each, plus page faults when the memory is used again. A fixed small mmap threshold would avoid the
+slack altogether, but made an allocation-heavy loop of activation-sized tensors 45% slower in CPU time (page faults
+on every fresh block), so it is not set.
 
-Smaller LM-head tiles on CPU. TRL's fused LM head scores the vocabulary in tiles of 32768 columns; without Triton
-(CPU) each tile becomes ~4 float32 temporaries of (tokens, 32768), forward and backward: ~0.5 GB for a 250-token
-row. Tiles of 8192 columns cut the peak by 0.14 GiB (3.36 -> 3.22 GiB in a 2-step SmolLM2 micro-batch loop) at no
-measurable cost: the GEMMs stay 8192 wide. The log-probs change only in float rounding (the online logsumexp adds
-the tiles in another grouping).
+Smaller LM-head tiles on the CPU. TRL's fused LM head scores the vocabulary in tiles of 32768 columns; without
+Triton each tile becomes ~4 float32 temporaries of (tokens, 32768), forward and backward: ~130 MB for a 250-token
+row. Tiles of 8192 columns cut the peak by 0.14 GiB (3.36 -> 3.22 GiB in a 2-step SmolLM2 train-side loop); the
+GEMMs stay 8192 columns wide. The log-probs change only in float rounding (the online logsumexp adds the tiles in
+another grouping).
 """
 
 from __future__ import annotations
