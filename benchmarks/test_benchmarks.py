@@ -46,6 +46,8 @@ def test_section_names_follow_the_outermost_meaning():
     assert section_name(("training_step", "compute_loss", "_ref_loss", "_get_per_token_logps_and_entropies")) == \
         "loss + backward: L_ref forward"
     assert section_name(("training_step", "backward")) == "loss + backward: backward"
+    # L_GRPO's backward before L_ref's forward runs inside compute_loss: still a backward.
+    assert section_name(("training_step", "compute_loss", "backward")) == "loss + backward: backward"
 
 
 def test_split_step_puts_untimed_time_under_optimizer():
