@@ -38,8 +38,8 @@ EMBEDDED_DEFAULTS = dict(
     num_generations=8,
     # 2 queries x 8 rollouts per optimizer step, generated as one batch of 16, trained one rollout at a time (16
     # micro-batches of 1; same loss and gradient: TRL's "dapo" loss divides by the generation batch's token count).
-    # One row's activations (~1.4 MB a token) instead of 2 or 16: the peak is the 2 GiB of weights, gradients and
-    # AdamW state plus ~1 GiB, not 12 GiB (batch 16) or 3.8-4.0 GiB (2 x 8). Same tokens per step, so the same FLOPs.
+    # One row's activations (~1.4 MB a token) alive in a backward, not 2 or 16: 3.2 GiB peak over 2 steps (2 GiB of
+    # it weights, gradients and AdamW state), not 12 GiB (batch 16) or 3.9 GiB (2 x 8). Same tokens, so same FLOPs.
     per_device_train_batch_size=1,
     gradient_accumulation_steps=16,
     max_completion_length=128,  # synthesis_max_tokens follows it (3 * 128 + 64): no explicit value to fall out of step
