@@ -29,8 +29,6 @@ from common import (
     SectionTimer,
     StepClock,
     benchmark_parser,
-    build_trainer,
-    load_train_set,
     machine,
     make_config,
     parse_settings,
@@ -40,6 +38,8 @@ from common import (
     warm_verifier,
     write_json,
 )
+
+from tapo.run import build_trainer, load_train_set
 
 MODES = {
     "quick": dict(model="tiny", dataset=TASK, n_train=64, max_completion_length=64, synthesis_max_tokens=128,
@@ -72,7 +72,7 @@ def run_child(arm: str, settings: dict) -> dict:
             fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
             config, cls = GRPOConfig(**{k: v for k, v in explicit.items() if k in fields}), GRPOTrainer
         clock = StepClock(timer)
-        trainer = build_trainer(run, config, load_train_set(run, config), callbacks=[clock], cls=cls)
+        trainer = build_trainer(run, config, load_train_set(run, config.seed), callbacks=[clock], trainer_cls=cls)
         trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
     return {"peak_rss_gib": peak_rss_gib(), "step_s": [s["wall_s"] for s in clock.steps],
@@ -119,6 +119,7 @@ def main() -> None:
     where = machine()
     print(f"memory, mode {mode_name}, {where}")
     runs = {arm: {v: [] for v in variants} for arm in args.arms}
+    out = RESULTS / f"memory_{mode_name}.json"
     for r in range(args.rounds):
         for arm in args.arms:
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
@@ -128,17 +129,11 @@ def main() -> None:
                 runs[arm][v].append(res)
                 print(f"  peak RSS {res['peak_rss_gib']:.2f} GiB, step s {[round(t, 1) for t in res['step_s']]}, "
                       f"loss {res['loss']}", flush=True)
-
-    summary = {}
-    for arm, by_variant in runs.items():
-        summary[arm] = {v: {"peak_rss_gib": max(x["peak_rss_gib"] for x in rs),
-                            "median_step_s": statistics.median(t for x in rs for t in x["step_s"])}
-                        for v, rs in by_variant.items()}
-        if "old" in by_variant:
-            ratios = [statistics.fmean(n["step_s"]) / statistics.fmean(o["step_s"])
-                      for n, o in zip(by_variant["new"], by_variant["old"], strict=True)]
-            summary[arm]["step_time_ratio_new_old_median"] = statistics.median(ratios)
-            summary[arm]["step_time_ratio_new_old_per_round"] = ratios
+                # Written after every run, so a long benchmark stopped early keeps the arms it finished.
+                summary = summarize({a: vs for a, vs in runs.items() if all(vs.values())})
+                write_json(out, {"mode": mode_name, "machine": where, "settings": settings, "variants": variants,
+                                 "peak_rss_gib": {a: s["new"]["peak_rss_gib"] for a, s in summary.items()},
+                                 "summary": summary, "runs": runs})
     print("\narm        variant  peak RSS GiB  median s/step")
     for arm, s in summary.items():
         for v in variants:
@@ -146,11 +141,23 @@ def main() -> None:
         if "step_time_ratio_new_old_median" in s:
             print(f"{arm:<10} step time new/old: median {s['step_time_ratio_new_old_median']:.3f} per round "
                   f"{[round(x, 3) for x in s['step_time_ratio_new_old_per_round']]}")
-    out = RESULTS / f"memory_{mode_name}.json"
-    write_json(out, {"mode": mode_name, "machine": where, "settings": settings, "variants": variants,
-                     "peak_rss_gib": {arm: s["new"]["peak_rss_gib"] for arm, s in summary.items()},
-                     "summary": summary, "runs": runs})
     print(f"wrote {out}")
+
+
+def summarize(runs: dict) -> dict:
+    """Per arm and variant: the peak RSS over its runs and the median step time; with an "old" variant, the step-time
+    ratio new/old of each round (runs paired in order) and its median."""
+    summary = {}
+    for arm, by_variant in runs.items():
+        summary[arm] = {v: {"peak_rss_gib": max(x["peak_rss_gib"] for x in rs),
+                            "median_step_s": statistics.median(t for x in rs for t in x["step_s"])}
+                        for v, rs in by_variant.items()}
+        if "old" in by_variant:
+            ratios = [statistics.fmean(n["step_s"]) / statistics.fmean(o["step_s"])
+                      for n, o in zip(by_variant["new"], by_variant["old"])]  # a stopped run: the rounds both finished
+            summary[arm]["step_time_ratio_new_old_median"] = statistics.median(ratios)
+            summary[arm]["step_time_ratio_new_old_per_round"] = ratios
+    return summary
 
 
 if __name__ == "__main__":

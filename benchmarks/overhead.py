@@ -77,12 +77,12 @@ def section_name(path: tuple[str, ...]) -> str:
         return "rollout generation: generate"
     if "_calculate_rewards" in names:
         return "scoring: reward functions"
+    if "backward" in names:  # also L_GRPO's backward run inside compute_loss (TrainerBase._backward_first)
+        return "loss + backward: backward"
     if "_ref_loss" in names:
         return "loss + backward: L_ref forward"
     if "compute_loss" in names:
         return "loss + backward: GRPO loss forward"
-    if "backward" in names:
-        return "loss + backward: backward"
     if "_generate_and_score_completions" in names:
         return "other: TRL generation bookkeeping"
     return "other: training_step rest"

@@ -11,6 +11,7 @@ import pytest
 from common import SectionTimer, as_argv, parse_settings
 from constructors import measurement_pairs, score, sft_plan
 from learning import merge_runs, same_setup, summarize
+from memory import summarize as summarize_memory
 from overhead import section_name, split_step
 from parity import max_abs_diffs
 
@@ -46,6 +47,8 @@ def test_section_names_follow_the_outermost_meaning():
     assert section_name(("training_step", "compute_loss", "_ref_loss", "_get_per_token_logps_and_entropies")) == \
         "loss + backward: L_ref forward"
     assert section_name(("training_step", "backward")) == "loss + backward: backward"
+    # L_GRPO's backward before L_ref's forward runs inside compute_loss: still a backward.
+    assert section_name(("training_step", "compute_loss", "backward")) == "loss + backward: backward"
 
 
 def test_split_step_puts_untimed_time_under_optimizer():
@@ -207,6 +210,21 @@ def test_peak_rss_sees_a_freed_allocation_until_reset():
     assert peak_rss_gib() - before >= 0.2
     reset_peak_rss()
     assert peak_rss_gib() - before < 0.2
+
+
+def test_memory_summary_pairs_rounds_and_takes_the_highest_peak():
+    def run(peak, *steps):
+        return {"peak_rss_gib": peak, "step_s": list(steps)}
+
+    runs = {"tapo": {"new": [run(3.1, 10, 12), run(3.3, 9, 11)], "old": [run(4.0, 10, 10), run(3.9, 20, 20)]},
+            "opsd": {"new": [run(3.6, 30)]}}
+    summary = summarize_memory(runs)
+    tapo = summary["tapo"]
+    assert tapo["new"] == {"peak_rss_gib": 3.3, "median_step_s": 10.5}
+    assert tapo["old"]["peak_rss_gib"] == 4.0
+    assert tapo["step_time_ratio_new_old_per_round"] == [1.1, 0.5]  # mean new / mean old, round by round
+    assert tapo["step_time_ratio_new_old_median"] == pytest.approx(0.8)
+    assert "step_time_ratio_new_old_median" not in summary["opsd"]  # no old variant: no ratio
 
 
 # ---------------------------------------------------------------------------------------------------------------------

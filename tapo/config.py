@@ -36,10 +36,12 @@ EMBEDDED_DEFAULTS = dict(
     dataset="rg:chain_sum:min_terms=2,max_terms=2,max_digits=2",
     n_train=256,
     num_generations=8,
-    # 2 queries x 8 rollouts per optimizer step, generated as one batch of 16, trained as 8 micro-batches of 2 (same
-    # loss and gradient: TRL's "dapo" loss divides by the generation batch's token count): step-1 peak 3.9 GiB, not 12.
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=8,
+    # 2 queries x 8 rollouts per optimizer step, generated as one batch of 16, trained one rollout at a time (16
+    # micro-batches of 1; same loss and gradient: TRL's "dapo" loss divides by the generation batch's token count).
+    # One row's activations (~1.4 MB a token) alive in a backward, not 2 or 16: 3.2 GiB peak over 2 steps (2 GiB of
+    # it weights, gradients and AdamW state), not 12 GiB (batch 16) or 3.9 GiB (2 x 8). Same tokens, so same FLOPs.
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=16,
     max_completion_length=128,  # synthesis_max_tokens follows it (3 * 128 + 64): no explicit value to fall out of step
     max_steps=8,
     learning_rate=1e-5,

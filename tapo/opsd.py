@@ -235,6 +235,8 @@ class OPSDTrainer(TAPOTrainer):
         grpo_loss = super()._compute_loss(model, inputs) if a.opsd_include_grpo else None
         if a.opsd_weight == 0 or "opsd_mask_rows" not in inputs:
             return grpo_loss
+        if grpo_loss is not None:  # its backward before the student's and teacher's forwards: one at a time in memory
+            grpo_loss = self._backward_first(grpo_loss, inputs, L_GRPO=grpo_loss)
         opsd_loss = self._opsd_loss(model, inputs)
         self._metrics[mode]["opsd/loss"].append(opsd_loss.item())
         if grpo_loss is None:

@@ -23,7 +23,8 @@ Generation side
 Loss side
 4. `_compute_loss` = TRL's own loss on the original rows (every TRL loss type and option stays available) +
    lambda * L_ref on the constructed rows, with OOD token suppression weights (`tapo.core.losses`,
-   `tapo.core.weights`).
+   `tapo.core.weights`). In training, L_GRPO is backpropagated before L_ref's forward (`_backward_first`), so a
+   micro-batch never holds the activations of its rows and of their constructed rows at once.
 
 Old log-probs of constructed rows: when TRL computes old log-probs for the batch (several optimizer steps per
 generation, or vLLM), we compute them for the constructed rows in the same no-grad pass style, right after
@@ -353,6 +354,8 @@ class TAPOTrainer(TrainerBase):
         grpo_loss = super()._compute_loss(model, inputs)
         if not self.args.tapo_enabled or "constructed_rows" not in inputs:
             return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
+        if self._has_ref_rows(inputs):  # L_GRPO's backward before L_ref's forward: one row's activations at a time
+            grpo_loss = self._backward_first(grpo_loss, inputs, L_GRPO=grpo_loss)
         ref_loss = self._ref_loss(model, inputs)
         # Means over ranks, as TRL logs its own losses (rank 0's L_ref alone is its share of the global normalizer).
         self._metrics[self._mode()]["tapo/loss_grpo"].append(gather(grpo_loss.detach().reshape(1)).mean().item())
@@ -362,12 +365,16 @@ class TAPOTrainer(TrainerBase):
         self._metrics[self._mode()]["tapo/loss_ref"].append(gather(ref_loss.detach().reshape(1)).mean().item())
         return self._checked_finite(loss, inputs, L_GRPO=grpo_loss, L_ref=ref_loss)
 
+    def _has_ref_rows(self, inputs) -> bool:
+        """Whether `_ref_loss` computes a loss on this micro-batch (always with several processes: collectives)."""
+        return self.accelerator.num_processes > 1 or bool(inputs["constructed_rows"].any())
+
     def _ref_loss(self, model, inputs) -> torch.Tensor | None:
         """lambda-free L_ref on this micro-batch's constructed rows, normalized like TRL's DAPO loss across steps."""
+        if not self._has_ref_rows(inputs):
+            return None
         rows = inputs["constructed_rows"].nonzero().flatten()
         if rows.numel() == 0:
-            if self.accelerator.num_processes == 1:
-                return None
             rows = torch.zeros(1, dtype=torch.long, device=rows.device)  # keep collectives in step
         mask = inputs["constructed_completion_mask"][rows]
         completion_ids = inputs["constructed_completion_ids"][rows]

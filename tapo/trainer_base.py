@@ -2,11 +2,14 @@
 
 - reward bookkeeping: what TRL's `_calculate_rewards` saw for the current generation batch, as one `ScoredBatch`;
 - the normalizer that spreads a generation batch's global count over micro-batches and processes (TRL's "dapo");
-- the non-finite loss guard (`NonFiniteLossError` before backward);
+- the non-finite loss guard (`NonFiniteLossError` before backward), and one loss term backpropagated before the next
+  one's forward (`_backward_first`);
 - resume: a sampler that gives every epoch the order an uninterrupted run gives it, atomic checkpoints, and the
   trainer's own counters in RUN/checkpoint-N/tapo_state.json (`tapo.runfolder`);
 - the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
-  ran on which base model.
+  ran on which base model;
+- memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and
+  smaller LM-head tiles when training on the CPU.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import DistributedType, gather, gather_object
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
+from tapo.memory import ReleaseFreedMemory, release_freed_memory, use_small_lm_head_tiles
 from tapo.modelcard import model_card
 from tapo.models import describe_base_model
 from tapo.runfolder import read_tapo_state, write_tapo_state
@@ -50,7 +54,8 @@ class ScoredBatch(NamedTuple):
 
 
 class NonFiniteLossError(RuntimeError):
-    """A NaN/inf loss; raised before backward, so the weights and every saved checkpoint stay as they were."""
+    """A NaN/inf loss; raised before its backward and the optimizer step, so the weights and every saved checkpoint
+    stay as they were."""
 
 
 class ResumableRepeatSampler(RepeatSampler):
@@ -70,6 +75,9 @@ class TrainerBase(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(ReleaseFreedMemory())
+        if self.accelerator.device.type == "cpu":
+            use_small_lm_head_tiles()
         self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
         self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
 
@@ -78,7 +86,9 @@ class TrainerBase(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._scored = None
-        return super()._generate_and_score_completions(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        release_freed_memory()  # the generation cache and the rollouts' temporaries, before the first micro-batch
+        return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -135,6 +145,20 @@ class TrainerBase(GRPOTrainer):
         if self.model.training:
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normalizer
+
+    def _backward_first(self, loss: torch.Tensor, inputs: dict, **parts: torch.Tensor) -> torch.Tensor:
+        """Backpropagate `loss`, one term of this micro-batch's loss, now, and return it detached; the caller adds it
+        to the terms it computes next and returns the sum, whose backward (Trainer.training_step) then covers only
+        those. Same gradient (a sum of the terms' gradients, same scaling through `accelerator.backward`), but the
+        activations of one forward are freed before the next forward runs, instead of all being alive until one
+        backward: for TAPO, a row and its constructed row. Only in a single process (DDP, FSDP and DeepSpeed
+        synchronize or count per backward) and in training; otherwise `loss` is returned as it is."""
+        if not (self.model.training and torch.is_grad_enabled() and loss.requires_grad) or \
+                self.accelerator.distributed_type != DistributedType.NO:
+            return loss
+        self._checked_finite(loss, inputs, **parts)
+        self.accelerator.backward(loss)
+        return loss.detach()
 
     def _checked_finite(self, loss: torch.Tensor, inputs: dict, **parts: torch.Tensor) -> torch.Tensor:
         """`loss`, or NonFiniteLossError before a NaN/inf reaches backward (and so the weights and checkpoints)."""

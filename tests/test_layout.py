@@ -22,7 +22,7 @@ LAYERS = [
     ("tapo.cli",), ("tapo.coldstart", "tapo.evaluation", "tapo.arith_policy"), ("tapo.run",), ("tapo.plots",),
     ("tapo.opsd",), ("tapo.trainer",), ("tapo.trainer_base",), ("tapo.config",), ("tapo.construct",),
     ("tapo.runfolder", "tapo.modelcard", "tapo.progress"), ("tapo.data", "tapo.models"), ("tapo.arith",), ("tapo.core",),
-    ("tapo.verifier_pool", "tapo.ranks", "tapo.collision", "tapo.version", "tapo.quiet"),
+    ("tapo.verifier_pool", "tapo.ranks", "tapo.collision", "tapo.version", "tapo.quiet", "tapo.memory"),
 ]
 
 

@@ -1,0 +1,129 @@
+"""tapo.memory: freed heap memory goes back to the OS at step boundaries, and TRL's fused LM head runs in smaller
+vocabulary tiles on the CPU without changing the log-probs beyond float rounding."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import trl.trainer.utils as trl_utils
+from transformers import AutoModelForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+
+from tapo import memory
+from tapo.memory import CPU_LM_HEAD_TILE, ReleaseFreedMemory, use_small_lm_head_tiles
+
+from scripted import generation_batch
+from test_opsd import make_trainer as make_opsd_trainer
+from test_trainer import make_trainer
+
+# A fresh process: raise glibc's mmap threshold the way training does (free one 16 MB block), fill the heap with
+# 2 MB blocks, free all but the topmost (so the heap cannot shrink from its top), and print RSS before and after.
+FRAGMENTED_HEAP = textwrap.dedent("""
+    import torch
+    from tapo.memory import release_freed_memory
+
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+    del_me = torch.ones(4 * 2**20)  # 16 MB, mmapped; freeing it raises the threshold above 2 MB
+    del del_me
+    blocks = [torch.ones(2**19) for _ in range(150)]  # 150 x 2 MB, now from the heap
+    top = blocks.pop()
+    del blocks
+    before = rss_mb()
+    released = release_freed_memory()
+    print(released, before, rss_mb())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux")
+def test_release_gives_freed_heap_blocks_back_to_the_os():
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, check=True)
+    released, before, after = out.stdout.split()
+    assert released == "True"
+    assert float(before) - float(after) > 200  # of the ~300 MB freed but held
+
+
+def test_release_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
+    assert memory.release_freed_memory() is False
+
+
+def test_trainer_releases_after_generation_and_after_every_step(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("tapo.trainer_base.release_freed_memory", lambda: calls.append("generation"))
+    monkeypatch.setattr("tapo.memory.release_freed_memory", lambda: calls.append("step"))
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=2)
+    assert sum(isinstance(cb, ReleaseFreedMemory) for cb in trainer.callback_handler.callbacks) == 1
+    generation_batch(trainer)
+    assert calls == ["generation"]
+    calls.clear()
+    trainer.train()
+    assert calls == ["generation", "step", "generation", "step"]
+
+
+def test_cpu_trainer_uses_small_lm_head_tiles(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    make_trainer(tiny_model_dir, tmp_path)
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_LM_HEAD_TILE == 8192
+
+
+def test_small_tiles_refuse_a_trl_without_the_setting(monkeypatch):
+    monkeypatch.delattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
+    with pytest.raises(RuntimeError, match="_CHUNKED_LOGPROB_CHUNK_SIZE is gone"):
+        use_small_lm_head_tiles()
+
+
+def test_tiles_change_log_probs_and_entropies_only_in_rounding(tiny_model_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+
+    def scored(tile):
+        monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", tile)
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        return out.log_probs.detach(), out.entropy.detach(), model.lm_head.weight.grad.clone()
+
+    whole, tiled = scored(32768), scored(vocab // 4 + 1)  # one tile vs 4 tiles, the last one shorter
+    for a, b in zip(whole, tiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert whole[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("algorithm", ["tapo", "opsd"])
+def test_grpo_backward_before_the_next_forward_gives_the_same_gradient(tiny_model_dir, tmp_path, monkeypatch, algorithm):
+    """L_GRPO is backpropagated before L_ref's (TAPO) or the student's and teacher's (OPSD) forwards."""
+    make = make_trainer if algorithm == "tapo" else make_opsd_trainer
+    trainer = make(tiny_model_dir, tmp_path, loss_type="dapo")
+    batch = generation_batch(trainer)
+    if algorithm == "tapo":
+        assert int(batch["constructed_rows"].sum()) > 0  # L_ref is in this micro-batch
+    else:
+        assert bool(batch["opsd_mask_rows"].any())
+    backward = trainer.accelerator.backward
+    calls = []
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kw: (calls.append(1), backward(loss, **kw)))
+
+    def step():
+        """What Trainer.training_step does with a prepared micro-batch: the loss, its backward, the gradient."""
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        trainer.accelerator.backward(loss)
+        return loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    split_loss, split_grad = step()
+    assert len(calls) == 2  # L_GRPO's backward, then the returned loss's (L_ref or L_OPSD only)
+    calls.clear()
+    monkeypatch.setattr(trainer, "_backward_first", lambda loss, inputs, **parts: loss)
+    joint_loss, joint_grad = step()
+    assert len(calls) == 1
+    torch.testing.assert_close(split_loss, joint_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(split_grad, joint_grad, rtol=1e-5, atol=1e-7)
+    assert joint_grad.norm() > 0
