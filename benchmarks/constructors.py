@@ -145,11 +145,12 @@ def splice_vs_self(args: argparse.Namespace) -> None:
             stats["attempted"] += len(built)
             stats["parsed"] += sum(c.parsed for c in built)
             stats["assembled"] += sum(c.trajectory is not None for c in built)
-            stats["accepted"] += sum(c.trajectory is not None and is_correct(c.trajectory.text, row["answer"]) for c in built)
-            for c in built:
+            for c in built:  # one verdict per construction: the rejection, else whether it re-verifies
                 reason = c.rejection or (None if is_correct(c.trajectory.text, row["answer"]) else WRONG_ANSWER)
                 if reason:
                     stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+                else:
+                    stats["accepted"] += 1
         print(f"problem {row['id']}: {sum(correct)}/{len(correct)} correct, {len(pairs)} pairs, "
               + ", ".join(f"{c} accepted {s['accepted']}/{s['attempted']}" for c, s in counts.items()), flush=True)
     result = dict(model=args.model, dataset=args.dataset, problems=args.n, k=args.k, base_accuracy=n_correct / n_total,

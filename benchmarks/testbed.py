@@ -287,6 +287,7 @@ def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
         lr = arm_learning_rate(result["arm"], lrs, spec["default_lr"])
         if result["seed"] in eval_seeds and result["lr"] == lr:
             by_arm.setdefault(result["arm"], {})[result["seed"]] = result
+    grpo = by_arm.get("grpo", {})
     summary = {}
     for arm, by_seed in by_arm.items():
         row = {"lr": arm_learning_rate(arm, lrs, spec["default_lr"]), "lr_swept": arm in lrs, "seeds": sorted(by_seed),
@@ -295,7 +296,6 @@ def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
         for name in METRICS:
             values = [v for v in (_metric(r, name) for r in by_seed.values()) if v is not None]
             row[name] = statistics.fmean(values) if values else None
-            grpo = by_arm.get("grpo", {})
             pairs = [(_metric(r, name), _metric(grpo[s], name)) for s, r in by_seed.items() if s in grpo]
             diffs = [a - b for a, b in pairs if a is not None and b is not None]
             if arm != "grpo" and diffs:

@@ -41,18 +41,24 @@ from tapo.models import CACHE_FORMAT, cached_build, default_cache_dir
 # The vocabulary: one token per printable ASCII character and newline (so any text encodes, nothing is <unk> in
 # practice), one per group of 1-3 digits ("36" is one token, "1234" is "123" "4"), one per operator and one per word
 # of the texts the testbed always shows (the prompt template, the problem wording, the synthesis prompt and the
-# splice's reflection); numbers, operators and words also with a leading space (a step `12 + 7 = 19` is 5 tokens). Number tokens make a step `a op b = c` a lookup in a table, which a ~1M-parameter
-# model learns in minutes where digit-by-digit carries took it thousands of steps; word tokens cut the ~150-character
-# prompt to ~50 tokens, and the forward/backward over the prompt is most of a step's compute.
+# splice's reflection); numbers, operators and words also with a leading space (a step `12 + 7 = 19` is 5 tokens).
+# Number tokens make a step `a op b = c` a lookup in a table, which a ~1M-parameter model learns in minutes where
+# digit-by-digit carries took it thousands of steps; word tokens cut the ~150-character prompt to ~50 tokens, and the
+# forward/backward over the prompt is most of a step's compute.
 CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
 NUMBERS = [str(n) for n in range(10, 1000)] + [f"{n:02d}" for n in range(10)] + [f"{n:03d}" for n in range(100)]
+
+
+def user_prompt(chain: arith.Chain) -> str:
+    """The user message of a rollout for `chain`, as tapo.data builds it from a dataset row."""
+    return PROMPT_TEMPLATE.replace("{problem}", chain.problem)
 
 
 def _fixed_texts() -> list[str]:
     """One of each text the testbed always shows, made by the functions that make them: a prompt, a synthesis prompt
     and a rule-written synthesis per cut (their wording is read off the real output, never copied here)."""
     chain = arith.Chain((12, 7, 3), ("+", "-"))
-    problem = PROMPT_TEMPLATE.replace("{problem}", chain.problem)
+    problem = user_prompt(chain)
     wrong, reference = arith.solution(chain, error_step=0, error_delta=1), arith.solution(chain)
     texts = [problem]
     for cut in CUTS:
@@ -133,7 +139,7 @@ def _chat_ids(tokenizer, user: str, assistant: str) -> tuple[list[int], int]:
 
 def solution_example(chain: arith.Chain, rng: random.Random, error_rate: float) -> tuple[str, str]:
     """(user prompt, assistant solution): a correct solution, or with probability `error_rate` one with a step error."""
-    user = PROMPT_TEMPLATE.replace("{problem}", chain.problem)
+    user = user_prompt(chain)
     text = arith.wrong_solution(chain, rng)[0] if rng.random() < error_rate else arith.solution(chain)
     return user, text
 
@@ -141,7 +147,7 @@ def solution_example(chain: arith.Chain, rng: random.Random, error_rate: float) 
 def synthesis_example(chain: arith.Chain, rng: random.Random, writer: SynthesisWriter) -> tuple[str, str] | None:
     """(synthesis prompt, written synthesis) for a wrong and a right solution of `chain`, as the trainer's self
     constructor asks for it (the problem is the rollout prompt's user message)."""
-    problem = PROMPT_TEMPLATE.replace("{problem}", chain.problem)
+    problem = user_prompt(chain)
     wrong, reference = arith.wrong_solution(chain, rng)[0], arith.solution(chain)
     target = writer(problem, wrong, reference, str(chain.answer))
     return None if target is None else (build_synthesis_prompt(problem, wrong, reference), target)
