@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from scripted import generation_batch, synthesis_for
-from tapo.construct import ConstructionRequest, HFGenerator, OpenAIChatGenerator, Truncated, construct
+from tapo.construct import (ConstructionError, ConstructionRequest, HFGenerator, OpenAIChatGenerator, Truncated,
+                            construct)
 from tapo.core.verify import is_correct
 
 WRONG = "23 + 45 = 63\n63 - 12 = 51\nThe answer is \\boxed{51}"
@@ -189,6 +190,9 @@ def test_trainer_sends_syntheses_to_the_teacher(tiny_model_dir, tmp_path):
     # The teacher lives on this process's device, in the precision the policy computes in (bf16 under mixed precision).
     assert trainer._teacher.model.device == trainer.accelerator.device
     assert trainer.args.bf16 and trainer._teacher.model.dtype == torch.bfloat16
+    # It samples at the rollout temperature within the synthesis budget.
+    assert (trainer._teacher.temperature, trainer._teacher.max_new_tokens) == \
+        (trainer.args.temperature, trainer.args.synthesis_max_tokens)
     asked = []
     trainer._teacher = lambda messages: asked.extend(messages) or [synthesis_for(m) for m in messages]
     out = generation_batch(trainer)
@@ -204,3 +208,40 @@ def test_without_mixed_precision_the_teacher_runs_in_the_policys_dtype(tiny_mode
     assert trainer._teacher.model.dtype == torch.float32
     trainer.model.double()
     assert trainer._teacher_dtype() == torch.float64  # the policy's parameter dtype, whatever it is
+
+
+def test_trainer_builds_an_endpoint_teacher_with_its_settings(tiny_model_dir, tmp_path):
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="teacher", teacher_model="judge-7b",
+                           teacher_base_url="http://127.0.0.1:9/v1", temperature=0.6, synthesis_max_tokens=77)
+    teacher = trainer._teacher
+    assert isinstance(teacher, OpenAIChatGenerator) and teacher.model == "judge-7b"
+    assert (teacher.temperature, teacher.max_tokens) == (0.6, 77)
+
+
+def test_a_failing_writer_stops_training_with_an_error_that_names_the_constructor_and_process(tiny_model_dir, tmp_path):
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="teacher", teacher_model=str(tiny_model_dir))
+
+    def broken(messages):
+        raise RuntimeError("endpoint said no")
+
+    trainer._teacher = broken
+    expected = r"constructor='teacher' failed on 1 of 1 processes \(rank 0: RuntimeError: endpoint said no\)"
+    with pytest.raises(ConstructionError, match=expected) as caught:
+        generation_batch(trainer)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_trainer_places_a_local_teacher_on_its_own_process_device(tiny_model_dir, tmp_path, monkeypatch):
+    """Under a multi-GPU launch each process's teacher must sit on that process's GPU: the trainer passes its
+    accelerator's device rather than letting the teacher pick one (on this CPU both would be the CPU)."""
+    from test_trainer import make_trainer
+
+    built = []
+    monkeypatch.setattr("tapo.trainer.HFGenerator", lambda *args, **kwargs: built.append(kwargs) or object())
+    trainer = make_trainer(tiny_model_dir, tmp_path, constructor="teacher", teacher_model=str(tiny_model_dir))
+    [kwargs] = built
+    assert kwargs["device"] == trainer.accelerator.device and kwargs["dtype"] == torch.bfloat16

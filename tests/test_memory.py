@@ -127,3 +127,21 @@ def test_grpo_backward_before_the_next_forward_gives_the_same_gradient(tiny_mode
     torch.testing.assert_close(split_loss, joint_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(split_grad, joint_grad, rtol=1e-5, atol=1e-7)
     assert joint_grad.norm() > 0
+
+
+def test_backward_first_backpropagates_only_a_training_loss_that_has_a_gradient(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    calls = []
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kw: calls.append(loss))
+    weight = torch.ones(2, requires_grad=True)
+    inputs = {"advantages": torch.zeros(2)}
+    loss = (2 * weight).sum()
+    trainer.model.eval()  # evaluation: the loss is returned as it is, nothing is backpropagated
+    assert trainer._backward_first(loss, inputs, L_GRPO=loss) is loss and calls == []
+    trainer.model.train()
+    constant = torch.tensor(3.0)  # no gradient to take
+    assert trainer._backward_first(constant, inputs, L_GRPO=constant) is constant and calls == []
+    with torch.no_grad():
+        assert trainer._backward_first(loss, inputs, L_GRPO=loss) is loss and calls == []
+    out = trainer._backward_first(loss, inputs, L_GRPO=loss)
+    assert calls == [loss] and not out.requires_grad and out.item() == loss.item()

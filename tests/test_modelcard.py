@@ -74,3 +74,27 @@ def test_saved_model_card_names_base_model_algorithm_version_and_paper(tiny_mode
         assert text in card
     for text in ["None", *absent]:
         assert text not in card
+
+
+def test_card_hooks_pass_their_arguments_on(tiny_model_dir, tmp_path, monkeypatch):
+    """TRL's `create_model_card(model_name, dataset_name, tags)` hook reaches tapo's card with each argument in its
+    place, and `save_model` hands transformers its `_internal_call` flag (it decides, e.g., whether to push to the
+    Hub) and writes the card only for a save the user asked for."""
+    import transformers
+
+    trainer = TAPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[math_reward],
+                          args=TAPOConfig(output_dir=str(tmp_path / "run"), **CONFIG),
+                          train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1 + 1"}],
+                                                            "answer": "2"}]),
+                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer.create_model_card(model_name="my-model", dataset_name="openai/gsm8k", tags="my-tag")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "openai/gsm8k" in card and "my-tag" in card and "my-model" in card
+
+    calls = []
+    monkeypatch.setattr(transformers.Trainer, "save_model",
+                        lambda self, output_dir=None, _internal_call=False: calls.append((output_dir, _internal_call)))
+    trainer.save_model(str(tmp_path / "internal"), _internal_call=True)
+    trainer.save_model(str(tmp_path / "final"))
+    assert calls == [(str(tmp_path / "internal"), True), (str(tmp_path / "final"), False)]
+    assert not (tmp_path / "internal" / "README.md").exists() and (tmp_path / "final" / "README.md").exists()

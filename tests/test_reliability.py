@@ -157,6 +157,11 @@ def test_non_finite_loss_stops_before_backward_and_keeps_the_last_checkpoint(tin
         trainer.train()
     assert find_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
     assert not (tmp_path / "checkpoint-2").exists()
+    # With finite advantages the message blames no reward function.
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer._checked_finite(torch.tensor(math.inf), {"advantages": torch.zeros(2)}, L_GRPO=torch.tensor(math.inf))
+    assert str(caught.value) == ("non-finite loss at step 2 (L_GRPO=inf); the step was stopped before backward, so the "
+                                 "weights and saved checkpoints are unchanged")
     saved = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
     for name, param in trainer.model.named_parameters():  # unchanged since step 1's checkpoint
         if name in saved:
@@ -197,6 +202,14 @@ def test_checkpoints_are_atomic_and_carry_the_tapo_state(tiny_model_dir, tmp_pat
     assert (tmp_path / "checkpoint-3" / "optimizer.pt").exists() and not list(tmp_path.glob(".tmp-*"))
     assert not (tmp_path / "checkpoint-3" / "stale.bin").exists()
     assert json.loads((tmp_path / "checkpoint-3" / TAPO_STATE_FILE).read_text())["generation_round"] == 3
+    # Each checkpoint carries tapo's model card, naming the checkpoint's final folder (not the staging one).
+    assert f'model="{tmp_path / "checkpoint-3"}"' in (tmp_path / "checkpoint-3" / "README.md").read_text()
+
+    # A complete but older save of the same step (a run resumed from before it) is replaced as a whole.
+    (tmp_path / "checkpoint-3" / "older.bin").write_text("from an earlier run of this step")
+    trainer._save_checkpoint(trainer.model, None)
+    assert (tmp_path / "checkpoint-3" / "optimizer.pt").exists() and not (tmp_path / "checkpoint-3" / "older.bin").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 

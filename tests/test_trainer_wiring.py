@@ -324,6 +324,30 @@ def test_dcs_picks_a_uniform_random_subset_of_the_wrong_rollouts(tiny_model_dir,
     other_picks = [tuple(group.nonzero().flatten().tolist())
                    for _ in range(rounds) for group in generation_batch(other)[COLUMNS["rows"]].cpu().view(2, 8)]
     assert other_picks != picks
+    # The same seed gives the same picks again (a resumed or repeated run constructs the same rows).
+    again = make_trainer(tiny_model_dir, tmp_path / "again", pattern="RRWWWWWW", n_neg=2, m_max=2)
+    assert [tuple(group.nonzero().flatten().tolist())
+            for _ in range(rounds) for group in generation_batch(again)[COLUMNS["rows"]].cpu().view(2, 8)] == picks
+
+
+def test_re_verification_gives_the_reward_functions_the_constructed_token_ids(tiny_model_dir, tmp_path):
+    """Reward functions that read `completion_ids` (TRL's signature) see, when constructions are re-verified, each
+    constructed row's own tokens, and no tokens for the rows that have no construction."""
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    seen, real = [], trainer.reward_funcs[0]
+
+    def recording_reward(prompts, completions, completion_ids, **kwargs):
+        seen.append([list(ids) for ids in completion_ids])
+        return real(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+
+    trainer.reward_funcs[0] = recording_reward
+    batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in generation_batch(trainer).items()}
+    rollouts, constructions = seen  # scoring the rollouts, then re-verifying the constructions
+    assert rollouts == [ids[mask.bool()].tolist() for ids, mask in zip(batch["completion_ids"], batch["completion_mask"])]
+    rows = batch[COLUMNS["rows"]]
+    assert int(rows.sum()) == 4
+    assert constructions == [ids[mask.bool()].tolist() if row else []
+                             for ids, mask, row in zip(batch[COLUMNS["ids"]], batch[COLUMNS["mask"]], rows)]
 
 
 def test_resume_restores_the_tapo_counters_into_a_new_trainer(tiny_model_dir, tmp_path):
@@ -409,3 +433,13 @@ def test_peft_reference_is_the_base_model_or_the_ref_adapter_copy(tiny_model_dir
     for other in [trainer.model] + ([base] if adapter == "pretrained" else []):
         logps, _ = constructed_logps(trainer, other, whole, rows)
         assert (logps - expected)[mask].abs().mean() > 0.1
+
+
+def test_a_loss_computed_in_evaluation_is_logged_under_eval(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    batch = generation_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    assert len(trainer._metrics["eval"]["tapo/loss_grpo"]) == 1 and len(trainer._metrics["eval"]["tapo/loss_ref"]) == 1
+    assert "tapo/loss_grpo" not in trainer._metrics["train"]
