@@ -30,8 +30,8 @@ python3 -c 'import mutmut' 2>/dev/null || python3 -m pip install --quiet mutmut=
 declare -A TESTS_FOR=(
   [tapo/construct.py]="tests/test_construct.py tests/test_trainer_wiring.py tests/test_trainer.py"
   [tapo/opsd.py]="tests/test_opsd.py"
-  [tapo/trainer.py]="tests/test_trainer.py tests/test_trainer_wiring.py tests/test_construction_path.py tests/test_trl_parity.py tests/test_reliability.py tests/test_microbatch.py tests/test_construct.py tests/test_opsd.py tests/test_modelcard.py"
-  [tapo/trainer_base.py]="tests/test_reliability.py tests/test_trainer_wiring.py tests/test_trainer.py tests/test_construction_path.py tests/test_trl_parity.py tests/test_microbatch.py tests/test_opsd.py tests/test_modelcard.py"
+  [tapo/trainer.py]="tests/test_trainer.py tests/test_trainer_wiring.py tests/test_construction_path.py tests/test_trl_parity.py tests/test_reliability.py tests/test_microbatch.py tests/test_construct.py tests/test_opsd.py tests/test_modelcard.py tests/test_memory.py"
+  [tapo/trainer_base.py]="tests/test_reliability.py tests/test_trainer_wiring.py tests/test_trainer.py tests/test_construction_path.py tests/test_trl_parity.py tests/test_microbatch.py tests/test_opsd.py tests/test_modelcard.py tests/test_memory.py"
   [tapo/evaluation/metrics.py]="tests/test_eval_metrics.py tests/test_eval_run.py"
 )
 
