@@ -198,6 +198,17 @@ def test_testbed_results_of_more_seeds_and_arms_are_the_same_experiment():
     assert not same_experiment({**spec, "steps": 100}, spec) and not same_experiment(None, spec)
 
 
+def test_testbed_other_sweep_rates_are_another_experiment():
+    from testbed import same_experiment, size_spec
+
+    args = argparse.Namespace(size="default", set=[], steps=None, n_eval=None, k=None,
+                              eval_every=None, seeds=None, ablation_seeds=None, arms=["opsd"],
+                              learning_rates=[3e-6, 1e-5])
+    spec = size_spec(args)
+    assert spec["learning_rates"] == [3e-6, 1e-5] and spec["default_lr"] == 1e-5 and spec["arms"] == ["opsd"]
+    assert not same_experiment(size_spec(argparse.Namespace(**{**vars(args), "learning_rates": None})), spec)
+
+
 def test_peak_rss_sees_a_freed_allocation_until_reset():
     import torch
     from common import peak_rss_gib, reset_peak_rss

@@ -389,7 +389,7 @@ def size_spec(args) -> dict:
     for key in ("steps", "n_eval", "k", "eval_every"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
-    for key in ("seeds", "ablation_seeds", "arms"):
+    for key in ("seeds", "ablation_seeds", "arms", "learning_rates"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     spec["default_lr"] = spec["learning_rates"][len(spec["learning_rates"]) // 2]
@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options, every arm")
     parser.add_argument("--sweep", action="store_true", help="choose each arm's learning rate on the sweep seeds first")
+    parser.add_argument("--sweep-only", action="store_true", help="run the sweep, print the chosen rates and stop")
+    parser.add_argument("--learning-rates", nargs="+", type=float,
+                        help="the sweep's rates (another set is another experiment: use another --out)")
     parser.add_argument("--jobs", type=int, default=1, help="jobs at once, as child processes with one thread each")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of testbed[_SIZE].json / .png")
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(jobs={job: run_job(job, spec, policy, held_out, saved["base"])})
         else:
             script = str(Path(__file__).resolve())
-            passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--sweep",)]
+            passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--sweep", "--sweep-only")]
 
             def child(job):
                 command = [sys.executable, script, *passed, "--worker", job, "--threads", "1"]
@@ -479,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         run_all([job_id(a, lr, s) for a in swept for lr in spec["learning_rates"] for s in spec["sweep_seeds"]])
         lrs = chosen_learning_rates(results.load()["jobs"], spec, swept)
         print(f"chosen learning rates: {lrs}", flush=True)
+        if args.sweep_only:
+            return 0
     lrs = {**results.load().get("learning_rates", {}), **lrs}
     results.update(learning_rates=lrs)  # kept, so a later run without --sweep (or with fewer arms) uses them
     # The main arms first, then the others, each seed-major: a cut-short run has the main comparison's first seeds
