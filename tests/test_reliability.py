@@ -157,15 +157,15 @@ def test_non_finite_loss_stops_before_backward_and_keeps_the_last_checkpoint(tin
         trainer.train()
     assert find_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
     assert not (tmp_path / "checkpoint-2").exists()
+    saved = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    for name, param in trainer.model.named_parameters():  # unchanged since step 1's checkpoint
+        if name in saved:
+            assert torch.equal(param.detach(), saved[name]), name
     # With finite advantages the message blames no reward function.
     with pytest.raises(NonFiniteLossError) as caught:
         trainer._checked_finite(torch.tensor(math.inf), {"advantages": torch.zeros(2)}, L_GRPO=torch.tensor(math.inf))
     assert str(caught.value) == ("non-finite loss at step 2 (L_GRPO=inf); the step was stopped before backward, so the "
                                  "weights and saved checkpoints are unchanged")
-    saved = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
-    for name, param in trainer.model.named_parameters():  # unchanged since step 1's checkpoint
-        if name in saved:
-            assert torch.equal(param.detach(), saved[name]), name
 
 
 # ------------------------------------------------------------------------------------------------------------------
