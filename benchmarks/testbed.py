@@ -54,12 +54,13 @@ from common import RESULTS, StepClock, machine, make_config, set_threads, write_
 from transformers import TrainerCallback
 
 from tapo import arith
-from tapo.arith_policy import PolicySettings, pretrain_stats, pretrained_policy
+from tapo.arith_policy import PolicySettings, pretrain_stats, pretrained_policy, sampled_accuracy
 from tapo.core.verify import extract_answer, is_correct
 from tapo.evaluation.generate import TransformersSampler, prompt_ids
 from tapo.evaluation.metrics import reflection_metrics
 from tapo.run import build_trainer, load_train_set
 from tapo.evaluation.reflection import analyze_reflection, marker_pattern
+from tapo.opsd import teacher_prompt
 
 # What every arm trains with, over the embedded default: 4 queries x K=8 rollouts per optimizer step (one batch, no
 # accumulation), the RL temperature the policy was pre-trained for, room for a splice reflection (~20 tokens with the
@@ -402,6 +403,17 @@ def held_out_rows(spec: dict) -> list[dict]:
     return arith.rows(test, spec["n_eval"], seed=0)
 
 
+def opsd_teacher_accuracy(model, tokenizer, held_out: list[dict], temperature: float, max_tokens: int) -> dict:
+    """Accuracy of the policy on the held-out problems with its plain prompt and with OPSD's teacher prompt (the
+    problem's correct solution in context), greedy and at the RL temperature: OPSD distils the student towards that
+    teacher, which only helps where the teacher is the better of the two."""
+    plain = [(r["problem"], r["answer"]) for r in held_out]
+    privileged = [(teacher_prompt(r["problem"], r["solution"]), r["answer"]) for r in held_out]
+    return {f"{name}_{label}": sampled_accuracy(model, tokenizer, problems, temp, max_tokens, seed=EVAL_SEED)["accuracy"]
+            for name, problems in (("student", plain), ("teacher", privileged))
+            for label, temp in (("greedy", 0.0), ("sampled", temperature))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="default")
@@ -433,20 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     policy = str(pretrained_policy(settings))
     held_out = held_out_rows(spec)
     saved = results.load()
-    if "base" not in saved:  # the untrained policy, evaluated once: every curve starts here
+    if "base" not in saved or "opsd_teacher" not in saved:  # the untrained policy, measured once
         from tapo.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(policy)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-        base = HeldOut(held_out, tokenizer, spec["k"], TRAIN["temperature"], spec["train"].get(
-            "max_completion_length", TRAIN["max_completion_length"]))(model)
-        saved = results.update(base=base, policy={"folder": policy, **pretrain_stats(policy)}, machine=machine())
+        max_tokens = spec["train"].get("max_completion_length", TRAIN["max_completion_length"])
+        if "base" not in saved:  # every curve starts here
+            base = HeldOut(held_out, tokenizer, spec["k"], TRAIN["temperature"], max_tokens)(model)
+            saved = results.update(base=base, policy={"folder": policy, **pretrain_stats(policy)}, machine=machine())
+        if "opsd_teacher" not in saved:
+            saved = results.update(opsd_teacher=opsd_teacher_accuracy(model, tokenizer, held_out, TRAIN["temperature"],
+                                                                      max_tokens))
     if args.worker:
         results.update(jobs={args.worker: run_job(args.worker, spec, policy, held_out, saved["base"])})
         return 0
     print(f"testbed {args.size}: policy {policy} (sampled accuracy {saved['policy']['sampled_accuracy']:.3f}, "
           f"greedy {saved['policy']['greedy_accuracy']:.3f}); held-out before RL: greedy {saved['base']['greedy']:.3f}, "
-          f"avg@k {saved['base']['avg@k']:.3f}", flush=True)
+          f"avg@k {saved['base']['avg@k']:.3f}; as OPSD's teacher (correct solution in context): greedy "
+          f"{saved['opsd_teacher']['teacher_greedy']:.3f}", flush=True)
     for arm in spec["arms"]:  # a misspelt option fails here, before any job starts
         make_config({**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"], **arm_settings(arm)})
 

@@ -27,5 +27,7 @@ def test_smoke_size_runs_every_main_arm_in_parallel_and_resumes(tmp_path):
         assert run["curve"][1]["tokens"] > 0 and run["step_s"] > 0 and len(run["train_logs"]) == 2
         assert set(run["final"]) == {"greedy", "avg@k", "dsr", "err"}
     assert "final_greedy - grpo" in result["summary"]["tapo"] and result["policy"]["steps"] >= 1
+    assert set(result["opsd_teacher"]) == {"student_greedy", "student_sampled", "teacher_greedy", "teacher_sampled"}
+    assert result["opsd_teacher"]["student_greedy"] == result["base"]["greedy"]  # same problems, same greedy decoding
     again = _testbed(out=tmp_path)
     assert again.returncode == 0 and "3 of 3 jobs already done" in again.stdout, again.stdout[-2000:]
