@@ -76,7 +76,8 @@ POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
               n_check=128, max_new_tokens=48)
 # The testbed's controls and ablations (ablation seeds), beside the main arms GRPO, TAPO splice and TAPO self.
 ABLATIONS = ["tapo:ref_baseline=ref", "tapo:ots_enabled=false", "tapo:construction_control=no_prefix",
-             "tapo:construction_control=no_reflection", "tapo:cut=after_error", "tapo:ref_baseline=union", "opsd"]
+             "tapo:construction_control=no_reflection", "tapo:cut=after_error", "tapo:ref_baseline=union",
+             "tapo:ref_loss_weight=0.5", "opsd"]
 SIZES = {
     "smoke": dict(task=TASK, n_train=64, n_eval=16, k=2, eval_every=2, steps=2,
                   train=dict(per_device_train_batch_size=16, num_generations=4),
@@ -335,6 +336,9 @@ def plot(jobs: dict, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 8), squeeze=False)
+    # One colour per arm (tab20: the default cycle repeats after 10 arms); GRPO, the reference, in black.
+    others = iter(plt.get_cmap("tab20").colors)
+    colours = {arm: "black" if arm == "grpo" else next(others) for arm in summary}
     for row_axes, metric in zip(axes, ("avg@k", "greedy")):
         for ax, x_key, label in zip(row_axes, ("step", "train_s", "tokens"),
                                     ("optimizer step", "training wall-clock (s)", "trained tokens")):
@@ -344,7 +348,7 @@ def plot(jobs: dict, summary: dict, path: Path) -> None:
                 points = [[p for r in runs for p in r["curve"] if p["step"] == s] for s in steps]
                 ax.plot([statistics.fmean(p[x_key] for p in ps) for ps in points],
                         [statistics.fmean(p[metric] for p in ps) for ps in points], marker="o", markersize=3,
-                        label=f"{arm} (n={len(runs)})")
+                        color=colours[arm], linewidth=2.5 if arm == "grpo" else 1.5, label=f"{arm} (n={len(runs)})")
             ax.set_xlabel(label)
             ax.set_ylabel(f"held-out {metric} (mean over seeds)")
             ax.grid(alpha=0.3)
