@@ -354,9 +354,10 @@ class TAPOTrainer(TrainerBase):
         grpo_loss = super()._compute_loss(model, inputs)
         if not self.args.tapo_enabled or "constructed_rows" not in inputs:
             return self._checked_finite(grpo_loss, inputs, L_GRPO=grpo_loss)
+        ref_loss = None
         if self._has_ref_rows(inputs):  # L_GRPO's backward before L_ref's forward: one row's activations at a time
             grpo_loss = self._backward_first(grpo_loss, inputs, L_GRPO=grpo_loss)
-        ref_loss = self._ref_loss(model, inputs)
+            ref_loss = self._ref_loss(model, inputs)
         # Means over ranks, as TRL logs its own losses (rank 0's L_ref alone is its share of the global normalizer).
         self._metrics[self._mode()]["tapo/loss_grpo"].append(gather(grpo_loss.detach().reshape(1)).mean().item())
         loss = tapo_total_loss(grpo_loss, ref_loss, self.args.ref_loss_weight)
@@ -369,10 +370,9 @@ class TAPOTrainer(TrainerBase):
         """Whether `_ref_loss` computes a loss on this micro-batch (always with several processes: collectives)."""
         return self.accelerator.num_processes > 1 or bool(inputs["constructed_rows"].any())
 
-    def _ref_loss(self, model, inputs) -> torch.Tensor | None:
-        """lambda-free L_ref on this micro-batch's constructed rows, normalized like TRL's DAPO loss across steps."""
-        if not self._has_ref_rows(inputs):
-            return None
+    def _ref_loss(self, model, inputs) -> torch.Tensor:
+        """lambda-free L_ref on this micro-batch's constructed rows, normalized like TRL's DAPO loss across steps
+        (called when `_has_ref_rows`)."""
         rows = inputs["constructed_rows"].nonzero().flatten()
         if rows.numel() == 0:
             rows = torch.zeros(1, dtype=torch.long, device=rows.device)  # keep collectives in step
