@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -193,6 +194,10 @@ class SectionTimer:
     def snapshot(self) -> dict[tuple[str, ...], float]:
         return dict(self.totals)
 
+    def current_path(self) -> str:
+        """The wrapped calls running now, outermost first ("" between them)."""
+        return " > ".join(self._stack)
+
 
 def timed_targets() -> list[tuple[type, str]]:
     """The trainer methods whose time the overhead and parity benchmarks split a step into."""
@@ -209,6 +214,43 @@ def timed_targets() -> list[tuple[type, str]]:
             "_ref_loss"]
     return ([(GRPOTrainer, n) for n in grpo] + [(TrainerBase, n) for n in base] + [(TAPOTrainer, n) for n in tapo]
             + [(Accelerator, "backward")])
+
+
+class RssTracer:
+    """Where the resident set peaks: a thread samples RSS (/proc/self/statm) every `every_s` seconds and keeps, per
+    (step, the SectionTimer's current call path), the highest value seen, so a run's peak can be put on the phase
+    that reached it (a forward, a backward, generation, the optimizer step). Linux only; elsewhere it records nothing."""
+
+    def __init__(self, timer: SectionTimer, clock: "StepClock", every_s: float = 0.005):
+        self.timer, self.clock, self.every_s = timer, clock, every_s
+        self.peaks: dict[tuple[int, str], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        statm = Path("/proc/self/statm")
+        while not self._stop.wait(self.every_s):
+            try:
+                rss = int(statm.read_text().split()[1]) * page / 2**30
+            except OSError:
+                return
+            key = (len(self.clock.steps) + 1, self.timer.current_path() or "optimizer step, callbacks, other")
+            if rss > self.peaks.get(key, 0.0):
+                self.peaks[key] = rss
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, top: int = 12) -> list[dict]:
+        """The highest (step, phase) peaks, highest first."""
+        ranked = sorted(self.peaks.items(), key=lambda kv: -kv[1])[:top]
+        return [{"step": step, "phase": phase, "peak_rss_gib": round(gib, 3)} for (step, phase), gib in ranked]
 
 
 class StepClock(TrainerCallback):

@@ -2,7 +2,8 @@
 parser and trainers) and TRL's own GRPOTrainer on the same settings (`trl_grpo`).
 
 Every run is a fresh Python process, so its peak RSS (VmHWM: weights, gradients, AdamW state, activations, the
-libraries, allocator slack) is its own. Steps are timed and split into phases with overhead.py's timers. With
+libraries, allocator slack) is its own. Steps are timed and split into phases with overhead.py's timers, and a thread samples the resident set every 5 ms
+to say which step and phase reached the highest values (`rss_peaks_by_phase`). With
 `--baseline KEY=VALUE ...` every arm also runs with those settings on top (e.g. the old embedded default), in
 alternating order (new old, old new, ...), and the summary gives per arm the median step-time ratio new/old.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from common import (
     RESULTS,
     TASK,
+    RssTracer,
     SectionTimer,
     StepClock,
     benchmark_parser,
@@ -73,9 +75,11 @@ def run_child(arm: str, settings: dict) -> dict:
             config, cls = GRPOConfig(**{k: v for k, v in explicit.items() if k in fields}), GRPOTrainer
         clock = StepClock(timer)
         trainer = build_trainer(run, config, load_train_set(run, config.seed), callbacks=[clock], trainer_cls=cls)
-        trainer.train()
+        with RssTracer(timer, clock) as tracer:
+            trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
-    return {"peak_rss_gib": peak_rss_gib(), "step_s": [s["wall_s"] for s in clock.steps],
+    return {"peak_rss_gib": peak_rss_gib(), "rss_peaks_by_phase": tracer.summary(),
+            "step_s": [s["wall_s"] for s in clock.steps],
             "phases": [split_step(s) for s in clock.steps],
             "loss": [r["loss"] for r in logs], "grad_norm": [r.get("grad_norm") for r in logs],
             "reward": [r.get("reward") for r in logs]}
@@ -129,6 +133,8 @@ def main() -> None:
                 runs[arm][v].append(res)
                 print(f"  peak RSS {res['peak_rss_gib']:.2f} GiB, step s {[round(t, 1) for t in res['step_s']]}, "
                       f"loss {res['loss']}", flush=True)
+                for peak in res["rss_peaks_by_phase"][:5]:
+                    print(f"    step {peak['step']}: {peak['peak_rss_gib']:.2f} GiB in {peak['phase']}", flush=True)
                 # Written after every run, so a long benchmark stopped early keeps the arms it finished.
                 summary = summarize({a: vs for a, vs in runs.items() if all(vs.values())})
                 write_json(out, {"mode": mode_name, "machine": where, "settings": settings, "variants": variants,

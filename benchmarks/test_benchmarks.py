@@ -223,6 +223,36 @@ def test_peak_rss_sees_a_freed_allocation_until_reset():
     assert peak_rss_gib() - before < 0.2
 
 
+def test_rss_tracer_puts_the_peak_on_the_phase_that_reached_it():
+    import sys
+
+    import torch
+    from common import RssTracer, StepClock
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/statm is Linux")
+
+    class Phases:
+        def small(self):
+            time.sleep(0.05)
+
+        def big(self):
+            block = torch.ones(2**26)  # 256 MiB, resident while this phase runs
+            time.sleep(0.1)
+            del block
+
+    timer, clock = SectionTimer(), StepClock()
+    with timer.patch([(Phases, "small"), (Phases, "big")]), RssTracer(timer, clock, every_s=0.005) as tracer:
+        Phases().small()
+        Phases().big()
+        clock.steps.append({})  # step 1 ends
+        Phases().small()
+    peaks = tracer.summary()
+    assert (peaks[0]["step"], peaks[0]["phase"]) == (1, "big")
+    small = {p["step"]: p["peak_rss_gib"] for p in peaks if p["phase"] == "small"}
+    assert set(small) == {1, 2} and peaks[0]["peak_rss_gib"] - small[1] >= 0.2
+
+
 def test_memory_summary_pairs_rounds_and_takes_the_highest_peak():
     def run(peak, *steps):
         return {"peak_rss_gib": peak, "step_s": list(steps)}

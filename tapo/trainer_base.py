@@ -8,8 +8,8 @@
   trainer's own counters in RUN/checkpoint-N/tapo_state.json (`tapo.runfolder`);
 - the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
   ran on which base model;
-- memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and
-  smaller LM-head tiles when training on the CPU.
+- memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and,
+  when training on the CPU, smaller LM-head tiles and norms / MLPs that recompute their elementwise activations.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
-from tapo.memory import ReleaseFreedMemory, release_freed_memory, use_small_lm_head_tiles
+from tapo.memory import ReleaseFreedMemory, lean_activations, release_freed_memory, use_small_lm_head_tiles
 from tapo.modelcard import model_card
 from tapo.models import describe_base_model
 from tapo.runfolder import read_tapo_state, write_tapo_state
@@ -78,6 +78,7 @@ class TrainerBase(GRPOTrainer):
         self.add_callback(ReleaseFreedMemory())
         if self.accelerator.device.type == "cpu":
             use_small_lm_head_tiles()
+            lean_activations(self.model)
         self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
         self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
 

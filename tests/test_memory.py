@@ -1,5 +1,8 @@
-"""tapo.memory: freed heap memory goes back to the OS at step boundaries, and TRL's fused LM head runs in smaller
-vocabulary tiles on the CPU without changing the log-probs beyond float rounding."""
+"""tapo.memory: freed heap memory goes back to the OS at step boundaries, TRL's fused LM head runs in smaller
+vocabulary tiles on the CPU without changing the log-probs beyond float rounding, and norms and MLPs keep fewer
+activations for the backward without changing outputs or gradients."""
+
+import copy
 
 import subprocess
 import sys
@@ -8,11 +11,13 @@ import textwrap
 import pytest
 import torch
 import trl.trainer.utils as trl_utils
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from tapo import memory
-from tapo.memory import CPU_LM_HEAD_TILE, ReleaseFreedMemory, use_small_lm_head_tiles
+from tapo.memory import CPU_LM_HEAD_TILE, ReleaseFreedMemory, lean_activations, use_small_lm_head_tiles
 
 from scripted import generation_batch
 from test_opsd import make_trainer as make_opsd_trainer
@@ -145,3 +150,95 @@ def test_backward_first_backpropagates_only_a_training_loss_that_has_a_gradient(
         assert trainer._backward_first(loss, inputs, L_GRPO=loss) is loss and calls == []
     out = trainer._backward_first(loss, inputs, L_GRPO=loss)
     assert calls == [loss] and not out.requires_grad and out.item() == loss.item()
+
+
+def small_model(kind: str, layers: int = 2):
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    config = config_cls(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return model_cls(config)
+
+
+def loss_and_gradients(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_activations_give_the_same_outputs_and_gradients(kind, checkpointing, autocast):
+    plain = small_model(kind)
+    lean = copy.deepcopy(plain)
+    assert lean_activations(lean) == 2 * 2 + 2 + 1  # 2 layers x 2 norms, 2 MLPs, the final norm
+    assert lean_activations(lean) == 0  # already lean
+    if checkpointing:  # HF's layer checkpointing recomputes the lean modules inside its own recomputation
+        for m in (plain, lean):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # mixed precision: bf16 GEMMs, fp32 weights
+        logits, grads = loss_and_gradients(plain, ids)
+        lean_logits, lean_grads = loss_and_gradients(lean, ids)
+    assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(logits, lean_logits)
+    for a, b in zip(grads, lean_grads, strict=True):  # the same ops in the same order: bit-identical here
+        assert torch.equal(a, b)
+    assert all(g.abs().sum() > 0 for g in lean_grads)
+    with torch.no_grad():  # generation: the plain path
+        assert torch.equal(plain(ids).logits, lean(ids).logits)
+
+
+def live_bytes_after_forward(model, ids) -> int:
+    """Bytes allocated and not freed during a forward with autograd on: what the backward will hold."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        hidden = model.model(ids).last_hidden_state
+    assert hidden.requires_grad
+    return sum(e.self_cpu_memory_usage for e in prof.key_averages())
+
+
+def test_lean_activations_keep_a_third_fewer_bytes_for_the_backward():
+    """SmolLM2's shape ratios (intermediate = 8/3 hidden): per token and layer the norms keep their input (not also
+    the normalized copy) and the MLP keeps gate and up (not also silu(gate) and the product): 11.6k -> 7.2k floats on
+    SmolLM2."""
+    config = LlamaConfig(vocab_size=300, hidden_size=144, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config)
+    lean = copy.deepcopy(plain)
+    lean_activations(lean)
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(1))
+    before, after = live_bytes_after_forward(plain, ids), live_bytes_after_forward(lean, ids)
+    saved_floats = (before - after) / 4 / 64  # per token
+    # per layer 2 normalized copies, silu(gate) and the product; and the final norm's normalized copy
+    assert saved_floats == pytest.approx(2 * (2 * 144 + 2 * 384) + 144, rel=0.01)
+    assert after < 0.7 * before
+
+
+class SwappedMLP(torch.nn.Module):
+    """Has the parts of a gated MLP, but gates the other projection: must be left as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 16, bias=False)
+        self.down_proj, self.act_fn = torch.nn.Linear(16, 8, bias=False), torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+def test_lean_activations_leave_other_modules_alone():
+    assert lean_activations(SwappedMLP()) == 0
+    model = small_model("llama", layers=1)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    assert lean_activations(peft_model) == 2 + 1  # the norms only: the MLP's projections are LoRA layers now
+    assert not getattr(model.model.layers[0].mlp, "_tapo_lean", False)
+
+
+def test_cpu_trainer_uses_lean_activations(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    layer = trainer.model.model.layers[0]
+    assert layer.mlp._tapo_lean and layer.input_layernorm._tapo_lean and trainer.model.model.norm._tapo_lean
