@@ -16,13 +16,14 @@ row. Tiles of 8192 columns cut the peak by 0.14 GiB (3.36 -> 3.22 GiB in a 2-ste
 GEMMs stay 8192 columns wide. The log-probs change only in float rounding (the online logsumexp adds the tiles in
 another grouping).
 
-Fewer activations kept for the backward. Autograd keeps ~11.8k floats per token and decoder layer of SmolLM2; 4.2k
+Fewer activations kept for the backward. Autograd keeps ~11.6k floats per token and decoder layer of SmolLM2; 4.4k
 of them are elementwise results that are cheap to recompute: each RMSNorm's normalized input (its input is kept
 anyway), and in the MLP silu(gate) and silu(gate) * up (down_proj's input). `lean_activations(model)` makes the norms
 keep only their input (`torch.utils.checkpoint` around the norm alone) and the MLP keep only gate and up
 (`_ProjectedProduct`: down_proj of the product, recomputing the product in the backward). No GEMM runs twice, the
-forward is the same computation, and the gradients are the same up to the order of float additions (checked in
-tests/test_memory.py): 36% fewer activation bytes, 0.15-0.2 GiB off the peak of a 300-token row.
+forward is the same computation, and the gradients are those autograd computes (bit-identical in
+tests/test_memory.py): 38% fewer activation bytes (0.13 GiB for a 300-token row); the default run's peak fell from
+3.39-3.43 to 3.31 GiB, the rest of the peak being the tied LM head's gradient buffers and heap slack.
 """
 
 from __future__ import annotations
