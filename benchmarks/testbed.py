@@ -31,6 +31,7 @@ lock as soon as it ends; a rerun skips finished jobs. `--jobs N` runs N jobs at 
 torch thread each (on a GPU machine they share the GPU: the policy is tiny).
 
     python benchmarks/testbed.py --smoke              # plumbing check, < 2 minutes (run by the test suite)
+    python benchmarks/testbed.py --policy-only        # pre-train (or load) the default policy, measure it, stop
     python benchmarks/testbed.py --sweep --jobs 2     # the default size, learning rates first
     python benchmarks/testbed.py --size full --sweep --jobs 16   # a 16-core / GPU machine
 """
@@ -54,7 +55,13 @@ from common import RESULTS, StepClock, machine, make_config, set_threads, write_
 from transformers import TrainerCallback
 
 from tapo import arith
-from tapo.arith_policy import PolicySettings, pretrain_stats, pretrained_policy, sampled_accuracy
+from tapo.arith_policy import (
+    PolicySettings,
+    pretrain_stats,
+    pretrained_policy,
+    sampled_accuracy,
+    self_synthesis_acceptance,
+)
 from tapo.core.verify import extract_answer, is_correct
 from tapo.evaluation.generate import TransformersSampler, prompt_ids
 from tapo.evaluation.metrics import reflection_metrics
@@ -71,9 +78,13 @@ TRAIN = dict(num_generations=8, per_device_train_batch_size=32, gradient_accumul
 # 3-4 one-digit terms with + and -: a ~1.4M-parameter policy learns the format and most steps in ~200 pre-training
 # steps (a few CPU minutes) and keeps slipping (injected errors + what it has not learnt yet) at varied steps.
 TASK = "arith:terms=3-4,ops=+-,max=9"
+# The cold start (after the main phase reaches the target): 1500 steps cycling three synthesis batches, one OPSD
+# teacher batch and one solution batch (25% of them correct: the annealed policy's sampled accuracy ends in the band).
 POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, batch_size=64, error_rate=0.5,
               synthesis_every=8, synthesis_batch_size=8, max_steps=2000, check_every=50, target_accuracy=0.3,
-              n_check=128, max_new_tokens=48)
+              n_check=128, max_new_tokens=48, cold_start_steps=1500,
+              cold_start_cycle="synthesis,synthesis,synthesis,teacher,solution", teacher_batch_size=32,
+              cold_start_error_rate=0.75)
 # The testbed's controls and ablations (ablation seeds), beside the main arms GRPO, TAPO splice and TAPO self.
 ABLATIONS = ["tapo:ref_baseline=ref", "tapo:ots_enabled=false", "tapo:construction_control=no_prefix",
              "tapo:construction_control=no_reflection", "tapo:cut=after_error", "tapo:ref_baseline=union",
@@ -83,6 +94,7 @@ SIZES = {
                   train=dict(per_device_train_batch_size=16, num_generations=4),
                   policy=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_steps=4,
                               check_every=4, n_check=8, batch_size=8, synthesis_every=2, synthesis_batch_size=2,
+                              teacher_batch_size=4, cold_start_steps=3, cold_start_cycle="synthesis,teacher,solution",
                               max_new_tokens=48),
                   seeds=[0], ablation_seeds=[0], sweep_seeds=[100], learning_rates=[1e-4, 1e-3],
                   arms=["grpo", "tapo", "tapo:constructor=self"]),
@@ -418,6 +430,32 @@ def opsd_teacher_accuracy(model, tokenizer, held_out: list[dict], temperature: f
             for label, temp in (("greedy", 0.0), ("sampled", temperature))}
 
 
+def self_synthesis(model, tokenizer, rows: list[dict], spec: dict, policy: str) -> dict:
+    """`tapo.arith_policy.self_synthesis_acceptance` of the untrained policy on `rows` with the settings the
+    `tapo:constructor=self` arm trains with (K, temperature, lengths, DCS, cut, prefix match: its parsed config)."""
+    _, config, _ = make_config({**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"],
+                                **arm_settings("tapo:constructor=self")})
+    return self_synthesis_acceptance(
+        model, tokenizer, rows, k=config.num_generations, temperature=config.temperature,
+        max_new_tokens=config.max_completion_length, synthesis_max_tokens=config.synthesis_max_tokens,
+        ref_max_length=config.ref_max_length, n_pos=config.n_pos, n_neg=config.n_neg, m_max=config.m_max,
+        cut=config.cut, prefix_match=config.prefix_match, seed=EVAL_SEED)
+
+
+def describe_policy(saved: dict) -> str:
+    """The startup log's line on the untrained policy: pre-training, held-out accuracy, OPSD teacher, self syntheses."""
+    policy, base, teacher, synth = saved["policy"], saved["base"], saved["opsd_teacher"], saved["self_synthesis"]
+    rejected = ", ".join(f"{reason} {n}" for reason, n in synth["rejected"].items() if n)
+    return (f"policy {policy['folder']} ({policy['steps']} pre-training steps, {policy.get('cold_start_steps', 0)} of "
+            f"them cold start, {policy['wall_s']:.0f} s; sampled accuracy {policy['sampled_accuracy']:.3f}, greedy "
+            f"{policy['greedy_accuracy']:.3f})\n  held-out before RL: greedy {base['greedy']:.3f}, avg@k {base['avg@k']:.3f}"
+            f"\n  as OPSD's teacher (correct solution in context): greedy {teacher['teacher_greedy']:.3f}, sampled "
+            f"{teacher['teacher_sampled']:.3f} (plain prompt: {teacher['student_greedy']:.3f}, "
+            f"{teacher['student_sampled']:.3f})\n  own syntheses (constructor=self): {synth['accepted']} of "
+            f"{synth['attempted']} accepted ({synth['accept_rate']:.1%}; parsed {synth['parsed']}, rejected: "
+            f"{rejected or 'none'}) from {synth['eligible_groups']} eligible groups of {synth['problems']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="default")
@@ -437,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="jobs at once, as child processes with one thread each")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of testbed[_SIZE].json / .png")
+    parser.add_argument("--policy-only", action="store_true",
+                        help="pre-train (or load) the policy, measure it before RL (stored in the results), stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one job id, run by a parent with --jobs
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -449,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = str(pretrained_policy(settings))
     held_out = held_out_rows(spec)
     saved = results.load()
-    if "base" not in saved or "opsd_teacher" not in saved:  # the untrained policy, measured once
+    if any(key not in saved for key in ("base", "opsd_teacher", "self_synthesis")):  # the untrained policy, once
         from tapo.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(policy)
@@ -461,13 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         if "opsd_teacher" not in saved:
             saved = results.update(opsd_teacher=opsd_teacher_accuracy(model, tokenizer, held_out, TRAIN["temperature"],
                                                                       max_tokens))
+        if "self_synthesis" not in saved:  # the self arm's first syntheses: does the cold start make it a real arm?
+            saved = results.update(self_synthesis=self_synthesis(model, tokenizer, held_out, spec, policy))
     if args.worker:
         results.update(jobs={args.worker: run_job(args.worker, spec, policy, held_out, saved["base"])})
         return 0
-    print(f"testbed {args.size}: policy {policy} (sampled accuracy {saved['policy']['sampled_accuracy']:.3f}, "
-          f"greedy {saved['policy']['greedy_accuracy']:.3f}); held-out before RL: greedy {saved['base']['greedy']:.3f}, "
-          f"avg@k {saved['base']['avg@k']:.3f}; as OPSD's teacher (correct solution in context): greedy "
-          f"{saved['opsd_teacher']['teacher_greedy']:.3f}", flush=True)
+    print(f"testbed {args.size}: {describe_policy(saved)}", flush=True)
+    if args.policy_only:
+        return 0
     for arm in spec["arms"]:  # a misspelt option fails here, before any job starts
         make_config({**TRAIN, **spec["train"], "model": policy, "dataset": spec["task"], **arm_settings(arm)})
 

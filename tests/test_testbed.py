@@ -17,6 +17,15 @@ def _testbed(*args, out: Path):
 
 
 def test_smoke_size_runs_every_main_arm_in_parallel_and_resumes(tmp_path):
+    measured = _testbed("--policy-only", out=tmp_path)  # the policy and its measurements before RL, no job
+    assert measured.returncode == 0, measured.stdout[-3000:] + measured.stderr[-3000:]
+    assert "own syntheses (constructor=self)" in measured.stdout
+    before = json.loads((tmp_path / "testbed_smoke.json").read_text())
+    assert before["jobs"] == {} and before["policy"]["cold_start_steps"] == 3
+    assert before["policy"]["batches"] == {"solution": 3, "synthesis": 3, "teacher": 1}  # 4 main steps + 3 cold start
+    synth = before["self_synthesis"]
+    assert synth["problems"] == 16 and synth["rollouts"] == 16 * 4  # the smoke size's held-out set, its K
+    assert synth["accepted"] + sum(synth["rejected"].values()) == synth["attempted"]
     done = _testbed("--jobs", "2", out=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "testbed_smoke.json").read_text())
@@ -29,5 +38,6 @@ def test_smoke_size_runs_every_main_arm_in_parallel_and_resumes(tmp_path):
     assert "final_greedy - grpo" in result["summary"]["tapo"] and result["policy"]["steps"] >= 1
     assert set(result["opsd_teacher"]) == {"student_greedy", "student_sampled", "teacher_greedy", "teacher_sampled"}
     assert result["opsd_teacher"]["student_greedy"] == result["base"]["greedy"]  # same problems, same greedy decoding
+    assert result["self_synthesis"] == synth  # measured once per experiment
     again = _testbed(out=tmp_path)
     assert again.returncode == 0 and "3 of 3 jobs already done" in again.stdout, again.stdout[-2000:]
