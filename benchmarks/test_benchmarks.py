@@ -198,6 +198,23 @@ def test_testbed_results_of_more_seeds_and_arms_are_the_same_experiment():
     assert not same_experiment({**spec, "steps": 100}, spec) and not same_experiment(None, spec)
 
 
+def test_testbed_results_of_another_experiment_are_kept_aside_not_overwritten(tmp_path):
+    import json
+
+    from testbed import Results
+
+    spec = {"task": "arith", "steps": 200, "seeds": [0], "arms": ["grpo"], "ablation_seeds": [0]}
+    path = tmp_path / "testbed.json"
+    Results(path, spec).update(jobs={"grpo@1e-4#0": {"final": 0.4}})
+    Results(path, {**spec, "seeds": [1]}).update(jobs={"grpo@1e-4#1": {"final": 0.5}})  # the same experiment: merged
+    assert set(json.loads(path.read_text())["jobs"]) == {"grpo@1e-4#0", "grpo@1e-4#1"}
+    other = {**spec, "steps": 100}  # e.g. another policy or size
+    merged = Results(path, other).update(jobs={"grpo@1e-4#0": {"final": 0.1}})
+    assert merged["spec"] == other and merged["jobs"] == {"grpo@1e-4#0": {"final": 0.1}}
+    kept = list(tmp_path.glob("testbed.before-*.json"))
+    assert len(kept) == 1 and set(json.loads(kept[0].read_text())["jobs"]) == {"grpo@1e-4#0", "grpo@1e-4#1"}
+
+
 def test_testbed_other_sweep_rates_are_another_experiment():
     from testbed import same_experiment, size_spec
 

@@ -390,10 +390,18 @@ class Results:
         return saved if same_experiment(saved.get("spec"), self.spec) else {}
 
     def update(self, **fields) -> dict:
-        """Adds `jobs` entries (and sets any other fields) on top of what is on disk; returns the merged content."""
+        """Adds `jobs` entries (and sets any other fields) on top of what is on disk; returns the merged content. A file
+        of another experiment (other settings or policy) is not overwritten: it is renamed to
+        `<name>.before-<time>.json` first, so no finished job is lost."""
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self.load() or {"spec": self.spec, "jobs": {}}
+            data = self.load()
+            if not data:
+                if self.path.exists():
+                    kept = self.path.with_name(f"{self.path.stem}.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
+                    os.replace(self.path, kept)
+                    print(f"{self.path} held another experiment: kept as {kept}", flush=True)
+                data = {"spec": self.spec, "jobs": {}}
             data["jobs"].update(fields.pop("jobs", {}))
             data.update(fields)
             write_json(self.path, data)
