@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -118,35 +119,32 @@ def _is_gated_mlp(module: nn.Module) -> bool:
         return torch.equal(module(probe), module.down_proj(module.act_fn(module.gate_proj(probe)) * module.up_proj(probe)))
 
 
-def _lean_mlp_forward(module: nn.Module):
-    def forward(x):
-        gate, up = module.gate_proj(x), module.up_proj(x)
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or module.down_proj.weight.requires_grad):
-            return _ProjectedProduct.apply(gate, up, module.down_proj.weight, module.act_fn)
-        return module.down_proj(module.act_fn(gate) * up)
-    return forward
+def _lean_mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or self.down_proj.weight.requires_grad):
+        return _ProjectedProduct.apply(gate, up, self.down_proj.weight, self.act_fn)
+    return self.down_proj(self.act_fn(gate) * up)
 
 
-def _lean_norm_forward(norm_forward):
-    def forward(hidden_states):
-        if torch.is_grad_enabled() and hidden_states.requires_grad:
-            return checkpoint(norm_forward, hidden_states, use_reentrant=False, preserve_rng_state=False)
-        return norm_forward(hidden_states)
-    return forward
+def _lean_norm_forward(self, hidden_states):
+    if torch.is_grad_enabled() and hidden_states.requires_grad:
+        return checkpoint(type(self).forward, self, hidden_states, use_reentrant=False, preserve_rng_state=False)
+    return type(self).forward(self, hidden_states)
 
 
 def lean_activations(model: nn.Module) -> int:
     """Recompute the elementwise activations of `model`'s RMSNorms and gated MLPs in the backward instead of keeping
-    them (module docstring); returns how many modules it changed. The probe that each changed module still computes
-    what it did: tests/test_memory.py. A module already changed is skipped, so calling it twice changes nothing."""
+    them (module docstring); returns how many modules it changed (tests/test_memory.py compares outputs and gradients
+    with the plain modules). A module already changed is skipped, so calling it twice changes nothing. The new
+    forwards are bound methods, so a deep copy of the model computes with its own weights."""
     changed = 0
     for module in model.modules():
         if getattr(module, "_tapo_lean", False):
             continue
         if type(module).__name__.endswith("RMSNorm"):
-            module.forward = _lean_norm_forward(module.forward)
+            module.forward = types.MethodType(_lean_norm_forward, module)
         elif _is_gated_mlp(module):
-            module.forward = _lean_mlp_forward(module)
+            module.forward = types.MethodType(_lean_mlp_forward, module)
         else:
             continue
         module._tapo_lean = True

@@ -192,6 +192,24 @@ def test_lean_activations_give_the_same_outputs_and_gradients(kind, checkpointin
         assert torch.equal(plain(ids).logits, lean(ids).logits)
 
 
+def test_a_deep_copy_of_a_lean_model_trains_its_own_weights():
+    lean = small_model("llama")
+    lean_activations(lean)
+    twin = copy.deepcopy(lean)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    twin(ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in lean.parameters())
+    assert all(p.grad is not None for p in twin.parameters())
+    plain = small_model("llama")
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(1.5)
+        assert torch.equal(twin(ids).logits, plain(ids).logits)
+
+
 def live_bytes_after_forward(model, ids) -> int:
     """Bytes allocated and not freed during a forward with autograd on: what the backward will hold."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
