@@ -57,9 +57,9 @@ from transformers import TrainerCallback
 from tapo import arith
 from tapo.arith_policy import (
     PolicySettings,
+    opsd_teacher_accuracy,
     pretrain_stats,
     pretrained_policy,
-    sampled_accuracy,
     self_synthesis_acceptance,
 )
 from tapo.core.verify import extract_answer, is_correct
@@ -67,7 +67,6 @@ from tapo.evaluation.generate import TransformersSampler, prompt_ids
 from tapo.evaluation.metrics import reflection_metrics
 from tapo.run import build_trainer, load_train_set
 from tapo.evaluation.reflection import analyze_reflection, marker_pattern
-from tapo.opsd import teacher_prompt
 
 # What every arm trains with, over the embedded default: 4 queries x K=8 rollouts per optimizer step (one batch, no
 # accumulation), the RL temperature the policy was pre-trained for, room for a splice reflection (~20 tokens with the
@@ -427,17 +426,6 @@ def held_out_rows(spec: dict) -> list[dict]:
     return arith.rows(test, spec["n_eval"], seed=0)
 
 
-def opsd_teacher_accuracy(model, tokenizer, held_out: list[dict], temperature: float, max_tokens: int) -> dict:
-    """Accuracy of the policy on the held-out problems with its plain prompt and with OPSD's teacher prompt (the
-    problem's correct solution in context), greedy and at the RL temperature: OPSD distils the student towards that
-    teacher, which only helps where the teacher is the better of the two."""
-    plain = [(r["problem"], r["answer"]) for r in held_out]
-    privileged = [(teacher_prompt(r["problem"], r["solution"]), r["answer"]) for r in held_out]
-    return {f"{name}_{label}": sampled_accuracy(model, tokenizer, problems, temp, max_tokens, seed=EVAL_SEED)["accuracy"]
-            for name, problems in (("student", plain), ("teacher", privileged))
-            for label, temp in (("greedy", 0.0), ("sampled", temperature))}
-
-
 def self_synthesis(model, tokenizer, rows: list[dict], spec: dict, policy: str) -> dict:
     """`tapo.arith_policy.self_synthesis_acceptance` of the untrained policy on `rows` with the settings the
     `tapo:constructor=self` arm trains with (K, temperature, lengths, DCS, cut, prefix match: its parsed config)."""
@@ -508,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = results.update(base=base, policy={"folder": policy, **pretrain_stats(policy)}, machine=machine())
         if "opsd_teacher" not in saved:
             saved = results.update(opsd_teacher=opsd_teacher_accuracy(model, tokenizer, held_out, TRAIN["temperature"],
-                                                                      max_tokens))
+                                                                      max_tokens, seed=EVAL_SEED))
         if "self_synthesis" not in saved:  # the self arm's first syntheses: does the cold start make it a real arm?
             saved = results.update(self_synthesis=self_synthesis(model, tokenizer, held_out, spec, policy))
     if args.worker:

@@ -246,25 +246,61 @@ def _batch(tokenizer, examples: list[tuple[str, str]], device) -> dict:
 @torch.inference_mode()
 def sampled_accuracy(model, tokenizer, problems: list[tuple[str, str]], temperature: float, max_new_tokens: int,
                      seed: int, batch_size: int = 128) -> dict:
-    """Share correct of one sample per problem at `temperature` (0: greedy), plus the share of wrong answers whose
-    solution is well formed (a boxed answer) and where the first wrong step lies (the step-error profile)."""
+    """Share correct of one sample per problem at `temperature` (0: greedy), plus the share of answers that are well
+    formed (a boxed answer); each problem in the training prompt."""
+    from tapo.evaluation.generate import prompt_ids
+
+    return _accuracy(model, tokenizer, [prompt_ids(tokenizer, p) for p, _ in problems], [gold for _, gold in problems],
+                     temperature, max_new_tokens, seed, batch_size)
+
+
+def opsd_teacher_accuracy(model, tokenizer, rows: list[dict], temperature: float, max_new_tokens: int,
+                          seed: int) -> dict:
+    """Accuracy on `rows` (dicts with `problem`, `answer` and the correct `solution`) with the plain training prompt
+    (`student_*`) and with OPSD's teacher prompt (`teacher_*`, `opsd_teacher_prompt_ids`), greedy and at
+    `temperature`. OPSD distils the student towards that teacher, which only helps where the teacher is the better."""
+    from tapo.evaluation.generate import prompt_ids
+
+    prompts = {"student": [prompt_ids(tokenizer, r["problem"]) for r in rows],
+               "teacher": opsd_teacher_prompt_ids(tokenizer, rows)}
+    return {f"{name}_{label}": accuracy
+            for name, ids in prompts.items()
+            for label, accuracy in _greedy_and_sampled(model, tokenizer, ids, rows, temperature, max_new_tokens,
+                                                       seed).items()}
+
+
+def opsd_teacher_prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
+    """The prompt OPSDTrainer gives its teacher for each row: `tapo.opsd.teacher_prompt` of the training prompt's user
+    message with the row's `solution` as reference."""
+    from tapo.evaluation.generate import user_turn_ids
+
+    return [user_turn_ids(tokenizer, teacher_prompt(PROMPT_TEMPLATE.replace("{problem}", r["problem"]), r["solution"]))
+            for r in rows]
+
+
+def _greedy_and_sampled(model, tokenizer, prompts: list[list[int]], rows: list[dict], temperature: float,
+                        max_new_tokens: int, seed: int) -> dict:
+    """{"greedy": accuracy, "sampled": accuracy at `temperature`} of one sample per prompt against the rows' answers."""
+    golds = [str(r["answer"]) for r in rows]
+    return {label: _accuracy(model, tokenizer, prompts, golds, temp, max_new_tokens, seed)["accuracy"]
+            for label, temp in (("greedy", 0.0), ("sampled", temperature))}
+
+
+def _accuracy(model, tokenizer, prompts: list[list[int]], golds: list[str], temperature: float, max_new_tokens: int,
+              seed: int, batch_size: int = 128) -> dict:
+    """Share correct of one sample per prompt (token ids) at `temperature`, and the share with a boxed answer."""
     from tapo.core.verify import is_correct
-    from tapo.evaluation.generate import TransformersSampler, prompt_ids
+    from tapo.evaluation.generate import TransformersSampler
 
     sampler = TransformersSampler(model, tokenizer, max_new_tokens, temperature, 1.0)
     was_training = model.training
     model.eval()
-    texts = []
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start : start + batch_size]
-            outs = sampler.generate([prompt_ids(tokenizer, p) for p, _ in chunk], batch_seed=seed + start,
-                                    sample_seeds=[0] * len(chunk))
-            texts += [o.text for o in outs]
+        texts = [o.text for o in _sample_texts(sampler, prompts, seed, batch_size)]
     model.train(was_training)
-    correct = [is_correct(t, gold) for t, (_, gold) in zip(texts, problems, strict=True)]
+    correct = [is_correct(t, gold) for t, gold in zip(texts, golds, strict=True)]
     boxed = [extract_answer(t) is not None for t in texts]
-    return {"accuracy": sum(correct) / len(problems), "formatted": sum(boxed) / len(problems)}
+    return {"accuracy": sum(correct) / len(prompts), "formatted": sum(boxed) / len(prompts)}
 
 
 def _sample_texts(sampler, prompts: list[list[int]], seed: int, batch_size: int) -> list:
@@ -307,7 +343,7 @@ def self_synthesis_acceptance(model, tokenizer, rows: list[dict], k: int = 8, te
     from tapo.core.synthesis import REJECTIONS, TOO_LONG, WRONG_ANSWER, is_blank
     from tapo.core.tokens import trajectory_token_ids
     from tapo.core.verify import is_correct
-    from tapo.evaluation.generate import TransformersSampler, prompt_ids
+    from tapo.evaluation.generate import TransformersSampler, prompt_ids, user_turn_ids
 
     sampler_class = sampler_class or TransformersSampler
     was_training = model.training
@@ -331,10 +367,7 @@ def self_synthesis_acceptance(model, tokenizer, rows: list[dict], k: int = 8, te
         writer = sampler_class(model, tokenizer, synthesis_max_tokens, temperature, 1.0)
 
         def generate(messages: list[str]) -> list[str]:
-            chats = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                                   add_generation_prompt=True) for m in messages]
-            ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
-            outs = _sample_texts(writer, ids, seed + 1, batch_size)
+            outs = _sample_texts(writer, [user_turn_ids(tokenizer, m) for m in messages], seed + 1, batch_size)
             return [Truncated(o.text) if o.truncated else o.text for o in outs]
 
         built = construct(requests, "self", generate, cut=cut, prefix_match=prefix_match)
@@ -379,7 +412,7 @@ def pretrain(settings: PolicySettings, out_dir: str | Path, writer: SynthesisWri
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps)))
     rng = random.Random(f"pretrain-{settings.seed}")
     # Every example is a fresh draw from the train split (repeats allowed), never a test one.
-    checks = _check_problems(settings, spec)
+    checks = [(c.problem, str(c.answer)) for c in _check_chains(settings, spec)]
     curve, start, step, n_params = [], time.perf_counter(), 0, sum(p.numel() for p in model.parameters())
     log(f"pre-training a {n_params / 1e6:.2f}M-parameter policy on {settings.task} ({device})")
     model.train()
@@ -433,8 +466,8 @@ def _cold_start(model, tokenizer, settings: PolicySettings, main: dict, writer: 
         optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps)) * (1.0 - s / n))
     rng = random.Random(f"cold-start-{settings.seed}")
     error_rate = settings.error_rate if settings.cold_start_error_rate is None else settings.cold_start_error_rate
-    chains = arith.generate_chains(spec, settings.n_check, seed=settings.seed + 20_000)
-    checks = _check_problems(settings, spec)
+    chains = _check_chains(settings, spec)
+    checks = [(c.problem, str(c.answer)) for c in chains]
     cycle, curve, start, main_steps = settings.cycle(), [], time.perf_counter(), main.get("main_steps", main["steps"])
     batches = {kind: main.get("batches", _main_batches(settings, main_steps)).get(kind, 0) for kind in BATCH_KINDS}
     log(f"cold start: {settings.cold_start_steps} steps cycling {','.join(cycle)} after {main_steps} main-phase steps")
@@ -449,11 +482,9 @@ def _cold_start(model, tokenizer, settings: PolicySettings, main: dict, writer: 
                                 main["wall_s"] + time.perf_counter() - start, log))
     wall_s = time.perf_counter() - start
     greedy = sampled_accuracy(model, tokenizer, checks, 0.0, settings.max_new_tokens, seed=settings.seed)
-    rows = [{"problem": c.problem, "answer": str(c.answer)} for c in chains]
-    teacher = [(teacher_prompt(c.problem, arith.solution(c)), str(c.answer)) for c in chains]
-    opsd_teacher = {label: sampled_accuracy(model, tokenizer, teacher, temperature, settings.max_new_tokens,
-                                            seed=settings.seed)["accuracy"]
-                    for label, temperature in (("greedy", 0.0), ("sampled", settings.temperature))}
+    rows = [{"problem": c.problem, "answer": str(c.answer), "solution": arith.solution(c)} for c in chains]
+    opsd_teacher = _greedy_and_sampled(model, tokenizer, opsd_teacher_prompt_ids(tokenizer, rows), rows,
+                                       settings.temperature, settings.max_new_tokens, settings.seed)
     synthesis = self_synthesis_acceptance(model, tokenizer, rows, temperature=settings.temperature,
                                           max_new_tokens=settings.max_new_tokens, seed=settings.seed)
     log(f"  cold start done ({wall_s:.0f} s): greedy {greedy['accuracy']:.3f}; with OPSD's teacher prompt greedy "
@@ -475,9 +506,9 @@ def _train_spec(settings: PolicySettings) -> arith.ArithSpec:
     return spec
 
 
-def _check_problems(settings: PolicySettings, spec: arith.ArithSpec) -> list[tuple[str, str]]:
-    """The accuracy check's (problem, answer) pairs: train split, a seed of their own."""
-    return [(c.problem, str(c.answer)) for c in arith.generate_chains(spec, settings.n_check, seed=settings.seed + 20_000)]
+def _check_chains(settings: PolicySettings, spec: arith.ArithSpec) -> list[arith.Chain]:
+    """The accuracy check's chains: train split, a seed of their own."""
+    return arith.generate_chains(spec, settings.n_check, seed=settings.seed + 20_000)
 
 
 def _main_batches(settings: PolicySettings, main_steps: int) -> dict:

@@ -12,7 +12,9 @@ from tapo.arith_policy import (
     WORDS,
     PolicySettings,
     _batch,
+    _chat_ids,
     build_tokenizer,
+    opsd_teacher_accuracy,
     pretrain,
     pretrained_policy,
     rule_synthesis,
@@ -103,6 +105,28 @@ def test_teacher_example_is_opsd_teacher_prompt_with_the_solution_it_answers_wit
     assert user == teacher_prompt(user_prompt(CHAIN), arith.solution(CHAIN))  # what OPSDTrainer shows the teacher
     assert target == arith.solution(CHAIN) and target in user and is_correct(target, str(CHAIN.answer))
     assert user.startswith(TEACHER_TEMPLATE.split("{reference}")[0]) and user.endswith(user_prompt(CHAIN))
+
+
+def test_opsd_teacher_accuracy_prompts_the_teacher_as_pre_training_and_opsd_do(monkeypatch):
+    """The teacher's prompt is built as OPSDTrainer builds it, OPSD's teacher prompt around the training prompt's user
+    message: the token ids the cold start trained the teacher on, up to where its answer starts."""
+    tokenizer = build_tokenizer()
+    seen = {}
+
+    def accuracy(model, tok, prompts, golds, temperature, max_new_tokens, seed, batch_size=128):
+        seen[temperature] = seen.get(temperature, []) + [prompts]
+        return {"accuracy": 0.5, "formatted": 1.0}
+
+    monkeypatch.setattr("tapo.arith_policy._accuracy", accuracy)
+    row = {"problem": CHAIN.problem, "answer": str(CHAIN.answer), "solution": arith.solution(CHAIN)}
+    out = opsd_teacher_accuracy(None, tokenizer, [row], temperature=1.0, max_new_tokens=8, seed=0)
+    assert out == {"student_greedy": 0.5, "student_sampled": 0.5, "teacher_greedy": 0.5, "teacher_sampled": 0.5}
+    student, teacher = seen[0.0]
+    trained, answer_start = _chat_ids(tokenizer, *teacher_example(CHAIN))
+    assert teacher == [trained[:answer_start]]
+    plain, plain_start = _chat_ids(tokenizer, user_prompt(CHAIN), "")
+    assert student == [plain[:plain_start]]
+    assert seen[1.0] == seen[0.0]
 
 
 def test_batch_kinds_main_phase_then_the_cold_start_cycle():

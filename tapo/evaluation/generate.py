@@ -46,10 +46,14 @@ def resolve_backend(backend: str) -> str:
 
 def prompt_ids(tokenizer, problem: str) -> list[int]:
     """The problem in training's prompt (tapo.data.PROMPT_TEMPLATE) as the user turn of the model's chat template
-    (plain text if it has none), as token ids. A templated text already holds its special tokens, so it is encoded
-    without adding them a second time.
-    """
-    content = PROMPT_TEMPLATE.replace("{problem}", problem)
+    (plain text if it has none), as token ids."""
+    return user_turn_ids(tokenizer, PROMPT_TEMPLATE.replace("{problem}", problem))
+
+
+def user_turn_ids(tokenizer, content: str) -> list[int]:
+    """`content` as the user turn of the model's chat template (plain text if it has none), as token ids, ready for
+    the assistant's answer. A templated text already holds its special tokens, so it is encoded without adding them a
+    second time."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
