@@ -1,4 +1,4 @@
-"""Three things that keep a CPU training process small (measured on SmolLM2: `benchmarks/README.md`, memory).
+"""Four things that keep a CPU training process small and quick (measured on SmolLM2: `benchmarks/README.md`, memory).
 
 Freed memory goes back to the OS at the boundaries of a training step (glibc's malloc; a no-op elsewhere). glibc
 raises its mmap threshold (up to 32 MiB) the first time a large block is freed, so from then on the 1-3 MB
@@ -15,6 +15,12 @@ Triton each tile becomes ~4 float32 temporaries of (tokens, 32768), forward and 
 row. Tiles of 8192 columns cut the peak by 0.14 GiB (3.36 -> 3.22 GiB in a 2-step SmolLM2 train-side loop); the
 GEMMs stay 8192 columns wide. The log-probs change only in float rounding (the online logsumexp adds the tiles in
 another grouping).
+
+Only labelled positions through the LM head on the CPU. TRL's fused head scores every position of a row (prompt and
+padding too) unless Triton runs it, to keep tile shapes fixed for compilers (Neuron); eager CPU code has no such need,
+and a row of the embedded default is ~65 prompt positions and ~105 completion positions (TRL's own log-probs of the
+first steps). `score_labelled_positions_only()` gives the CPU TRL's CUDA path, `hidden_states[mask]`: the head's
+GEMMs, forward and backward, over the completion only.
 
 Fewer activations kept for the backward. Autograd keeps ~11.6k floats per token and decoder layer of SmolLM2; 4.4k
 of them are elementwise results that are cheap to recompute: each RMSNorm's normalized input (its input is kept
@@ -75,6 +81,24 @@ def use_small_lm_head_tiles() -> None:
         raise RuntimeError("trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE is gone (TRL changed its fused LM head): "
                            "update tapo.memory.use_small_lm_head_tiles")
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_LM_HEAD_TILE)
+
+
+def score_labelled_positions_only() -> None:
+    """TRL's fused LM head (`add_fused_lm_head`) projects only the positions with a label on the CPU too, as it does
+    where Triton runs (`compact`); the process-wide switch is TRL's `_use_triton` in trl.trainer.utils, which decides
+    nothing else there. Calling it again changes nothing."""
+    if not hasattr(trl_utils, "_use_triton"):
+        raise RuntimeError("trl.trainer.utils._use_triton is gone (TRL changed its fused LM head): update "
+                           "tapo.memory.score_labelled_positions_only")
+    if getattr(trl_utils._use_triton, "_tapo_compact_on_cpu", False):
+        return
+    compact_elsewhere = trl_utils._use_triton
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or compact_elsewhere(device)
+
+    compact._tapo_compact_on_cpu = True
+    trl_utils._use_triton = compact
 
 
 class _ProjectedProduct(torch.autograd.Function):

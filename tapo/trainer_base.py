@@ -9,7 +9,10 @@
 - the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
   ran on which base model;
 - memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and,
-  when training on the CPU, smaller LM-head tiles and norms / MLPs that recompute their elementwise activations.
+  when training on the CPU, smaller LM-head tiles over the labelled positions only and norms / MLPs that recompute
+  their elementwise activations;
+- log-prob passes without the completion columns that are padding in every row (`trailing_padding`): a micro-batch
+  keeps its generation batch's padded width, and that padding would otherwise run through every layer.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, get_config_model_id
 
-from tapo.memory import ReleaseFreedMemory, lean_activations, release_freed_memory, use_small_lm_head_tiles
+from tapo.memory import (
+    ReleaseFreedMemory,
+    lean_activations,
+    release_freed_memory,
+    score_labelled_positions_only,
+    use_small_lm_head_tiles,
+)
 from tapo.modelcard import model_card
 from tapo.models import describe_base_model
 from tapo.runfolder import read_tapo_state, write_tapo_state
@@ -51,6 +60,17 @@ class ScoredBatch(NamedTuple):
     correct: torch.Tensor  # (B_global,) bool: rewards >= correct_threshold
     scored: torch.Tensor  # (B_global,) bool: some reward function scored the rollout (its reward is not NaN)
     offset: int  # global index of this process's first row
+
+
+def trailing_padding(attention_mask: torch.Tensor, completion_width: int) -> int:
+    """How many trailing columns of `attention_mask` (B, prompt + completion) no row attends to, at most
+    `completion_width - 1` (TRL scores the last `logits_to_keep` positions; 0 would mean all of them). Completions are
+    right-padded to the longest of the generation batch, so a micro-batch of a few of its rows carries columns that
+    are padding in all of them. (Leading prompt padding is left alone: without position ids, dropping it shifts the
+    positions and changes the log-probs in float rounding, and TAPO off must stay TRL's GRPO to the bit.)"""
+    attended = attention_mask[:, attention_mask.shape[1] - completion_width:].bool().any(0)
+    last = int(attended.nonzero().max()) if attended.any() else 0
+    return completion_width - 1 - last
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +98,7 @@ class TrainerBase(GRPOTrainer):
         self.add_callback(ReleaseFreedMemory())
         if self.accelerator.device.type == "cpu":
             use_small_lm_head_tiles()
+            score_labelled_positions_only()
             lean_activations(self.model)
         self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
         self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
@@ -135,6 +156,22 @@ class TrainerBase(GRPOTrainer):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss plumbing
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extras):
+        """TRL's, without the `trailing_padding` columns: the embedded default trains one-row micro-batches, each as
+        wide as its generation batch's longest completion, so a short completion's padding went through every layer
+        and the LM head. TRL returns 0 (log-prob and entropy) where the label is padding, so the dropped columns are
+        put back as zeros: same shapes, same values, bit for bit (causal attention: no kept position sees them).
+        Text batches only (images and other extras are indexed by position: passed through untouched)."""
+        right = 0 if any(v is not None for v in extras.values()) else trailing_padding(attention_mask, logits_to_keep)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, input_ids[:, : input_ids.shape[1] - right], attention_mask[:, : input_ids.shape[1] - right],
+            logits_to_keep - right, batch_size, compute_entropy, compute_aux_loss, **extras)
+        if right == 0:
+            return logps, entropies, aux_loss
+        pad = lambda t: None if t is None else torch.nn.functional.pad(t, (0, right))  # noqa: E731
+        return pad(logps), pad(entropies), aux_loss
 
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"

@@ -17,7 +17,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from trl.trainer.utils import add_fused_lm_head
 
 from tapo import memory
-from tapo.memory import CPU_LM_HEAD_TILE, ReleaseFreedMemory, lean_activations, use_small_lm_head_tiles
+from tapo.memory import (
+    CPU_LM_HEAD_TILE,
+    ReleaseFreedMemory,
+    lean_activations,
+    score_labelled_positions_only,
+    use_small_lm_head_tiles,
+)
 
 from scripted import generation_batch
 from test_opsd import make_trainer as make_opsd_trainer
@@ -100,6 +106,57 @@ def test_tiles_change_log_probs_and_entropies_only_in_rounding(tiny_model_dir, m
     for a, b in zip(whole, tiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert whole[0].abs().sum() > 0
+
+
+def test_cpu_trainer_scores_labelled_positions_only(tiny_model_dir, tmp_path, monkeypatch):
+    def triton_only(device):
+        return device.type == "cuda"
+
+    monkeypatch.setattr(trl_utils, "_use_triton", triton_only)
+    make_trainer(tiny_model_dir, tmp_path)
+    compact = trl_utils._use_triton
+    assert compact(torch.device("cpu")) and compact(torch.device("cuda")) and not compact(torch.device("meta"))
+    score_labelled_positions_only()
+    assert trl_utils._use_triton is compact  # not wrapped twice
+
+
+def test_labelled_positions_only_refuse_a_trl_without_the_switch(monkeypatch):
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with pytest.raises(RuntimeError, match="_use_triton is gone"):
+        score_labelled_positions_only()
+
+
+def test_labelled_positions_only_give_the_same_log_probs_and_gradients(tiny_model_dir, monkeypatch):
+    """TRL's CPU path projects all 12 positions, 4 of them without a label; the compact one only the 8 labelled:
+    the same numbers where a label is (and 0 elsewhere), the same LM-head gradient."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    projected = []  # rows the head projects, per call
+    function = trl_utils._ChunkedLogProbFunction
+
+    class Recording:
+        @staticmethod
+        def apply(hidden, *args):
+            projected.append(hidden.shape[0])
+            return function.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Recording)
+
+    def scored(compact):
+        monkeypatch.setattr(trl_utils, "_use_triton", lambda device: compact)
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        return out.log_probs.detach(), out.entropy.detach(), model.lm_head.weight.grad.clone()
+
+    every, compact = scored(False), scored(True)
+    assert projected == [2 * 11, 2 * 8]  # shifted: 11 positions predict a next token, 8 of them a labelled one
+    for a, b in zip(every, compact, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert every[0].abs().sum() > 0 and (every[0][:, :3] == 0).all()
 
 
 @pytest.mark.parametrize("algorithm", ["tapo", "opsd"])
