@@ -98,6 +98,7 @@ def score_labelled_positions_only() -> None:
         return device.type == "cpu" or compact_elsewhere(device)
 
     compact._tapo_compact_on_cpu = True
+    compact.trl_use_triton = compact_elsewhere  # TRL's own switch (benchmarks/logprob_pass.py compares both)
     trl_utils._use_triton = compact
 
 
