@@ -1,4 +1,4 @@
-"""Four things that keep a CPU training process small and quick (measured on SmolLM2: `benchmarks/README.md`, memory).
+"""Five things that keep a CPU training process small and quick (measured on SmolLM2: `benchmarks/README.md`, memory).
 
 Freed memory goes back to the OS at the boundaries of a training step (glibc's malloc; a no-op elsewhere). glibc
 raises its mmap threshold (up to 32 MiB) the first time a large block is freed, so from then on the 1-3 MB
@@ -21,6 +21,14 @@ padding too) unless Triton runs it, to keep tile shapes fixed for compilers (Neu
 and a row of the embedded default is ~65 prompt positions and ~105 completion positions (TRL's own log-probs of the
 first steps). `score_labelled_positions_only()` gives the CPU TRL's CUDA path, `hidden_states[mask]`: the head's
 GEMMs, forward and backward, over the completion only.
+
+A tied LM head's gradient goes into the parameter's `.grad` at once (one process on the CPU). With the head tied to
+the embedding, autograd keeps the head's (vocab, hidden) fp32 gradient (113 MB for SmolLM2) in the shared weight's
+input buffer through the whole backward, until the embedding's own dense gradient (another 113 MB) arrives at the end
+and the two are summed. `accumulate_tied_head_gradient(model)` hands TRL's fused head a detached alias of the weight
+whose gradient is added to the weight's `.grad` as soon as the head's backward ends, and makes the embedding's
+gradient sparse (the rows the batch used), which autograd adds into that dense `.grad` in place. The sum is the same
+up to float rounding (another order). One process only: DDP, FSDP and DeepSpeed count on autograd's accumulation.
 
 Fewer activations kept for the backward. Autograd keeps ~11.6k floats per token and decoder layer of SmolLM2; 4.4k
 of them are elementwise results that are cheap to recompute: each RMSNorm's normalized input (its input is kept
@@ -100,6 +108,44 @@ def score_labelled_positions_only() -> None:
     compact._tapo_compact_on_cpu = True
     compact.trl_use_triton = compact_elsewhere  # TRL's own switch (benchmarks/logprob_pass.py compares both)
     trl_utils._use_triton = compact
+
+
+class _HeadIntoGrad:
+    """Stand-in for TRL's `_ChunkedLogProbFunction` in `trl.trainer.utils`: `apply` passes the head's weight as a
+    detached alias whose accumulated gradient is moved into the weight's `.grad` (module docstring)."""
+
+    function = trl_utils._ChunkedLogProbFunction if hasattr(trl_utils, "_ChunkedLogProbFunction") else None
+
+    @classmethod
+    def apply(cls, hidden, weight, *rest):
+        if not (getattr(weight, "_tapo_grad_at_once", False) and torch.is_grad_enabled() and weight.requires_grad):
+            return cls.function.apply(hidden, weight, *rest)
+        alias = weight.detach().requires_grad_()
+        alias.register_post_accumulate_grad_hook(functools.partial(_add_to_grad, weight))
+        return cls.function.apply(hidden, alias, *rest)
+
+
+def _add_to_grad(weight: torch.Tensor, alias: torch.Tensor) -> None:
+    if weight.grad is None:
+        weight.grad = alias.grad
+    else:
+        weight.grad.add_(alias.grad)
+    alias.grad = None
+
+
+def accumulate_tied_head_gradient(model: nn.Module) -> bool:
+    """For a model whose LM head is tied to an `nn.Embedding` (one process): the head's gradient into `.grad` at once,
+    the embedding's sparse (module docstring). Returns whether the model was changed; an untied head is left alone."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or type(embedding) is not nn.Embedding or head.weight is not embedding.weight:
+        return False
+    if _HeadIntoGrad.function is None:
+        raise RuntimeError("trl.trainer.utils._ChunkedLogProbFunction is gone (TRL changed its fused LM head): update "
+                           "tapo.memory.accumulate_tied_head_gradient")
+    trl_utils._ChunkedLogProbFunction = _HeadIntoGrad
+    head.weight._tapo_grad_at_once = True
+    embedding.sparse = True
+    return True
 
 
 class _ProjectedProduct(torch.autograd.Function):

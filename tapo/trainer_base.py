@@ -9,8 +9,8 @@
 - the model card (`tapo.modelcard`) in every checkpoint and in the saved model, naming what the subclass's `methods`
   ran on which base model;
 - memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and,
-  when training on the CPU, smaller LM-head tiles over the labelled positions only and norms / MLPs that recompute
-  their elementwise activations;
+  when training on the CPU, smaller LM-head tiles over the labelled positions only, norms / MLPs that recompute
+  their elementwise activations and (one process) a tied head's gradient added to `.grad` at once;
 - log-prob passes without the completion columns that are padding in every row (`trailing_padding`): a micro-batch
   keeps its generation batch's padded width, and that padding would otherwise run through every layer.
 """
@@ -31,6 +31,7 @@ from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from tapo.memory import (
     ReleaseFreedMemory,
+    accumulate_tied_head_gradient,
     lean_activations,
     release_freed_memory,
     score_labelled_positions_only,
@@ -100,6 +101,8 @@ class TrainerBase(GRPOTrainer):
             use_small_lm_head_tiles()
             score_labelled_positions_only()
             lean_activations(self.model)
+            if self.accelerator.distributed_type == DistributedType.NO:
+                accumulate_tied_head_gradient(self.model)
         self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
         self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
 

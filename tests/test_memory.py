@@ -20,6 +20,7 @@ from tapo import memory
 from tapo.memory import (
     CPU_LM_HEAD_TILE,
     ReleaseFreedMemory,
+    accumulate_tied_head_gradient,
     lean_activations,
     score_labelled_positions_only,
     use_small_lm_head_tiles,
@@ -157,6 +158,57 @@ def test_labelled_positions_only_give_the_same_log_probs_and_gradients(tiny_mode
     for a, b in zip(every, compact, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert every[0].abs().sum() > 0 and (every[0][:, :3] == 0).all()
+
+
+def _two_micro_batches(model, seen_before_embedding_backward):
+    """Gradients of two accumulated micro-batches through TRL's fused head; for each backward, whether the tied
+    weight's `.grad` already held something when the embedding's backward began."""
+    embedding = model.get_input_embeddings()
+
+    def watch(module, args, out):  # the gradient reaching the embedding's output: its backward is next
+        out.register_hook(lambda grad: seen_before_embedding_backward.append(embedding.weight.grad is not None))
+
+    handle = embedding.register_forward_hook(watch)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=generator)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + 0.5 * out.entropy.sum()).backward()
+    handle.remove()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_tied_head_gradient_goes_into_grad_at_once(tiny_model_dir):
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # the tiny model ties them, as SmolLM2 does
+    tied = copy.deepcopy(plain)
+    assert accumulate_tied_head_gradient(tied)
+    assert tied.model.embed_tokens.sparse and trl_utils._ChunkedLogProbFunction.__name__ == "_HeadIntoGrad"
+    for model in (plain, tied):
+        add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    plain_seen, tied_seen = [], []
+    expected, grads = _two_micro_batches(plain, plain_seen), _two_micro_batches(tied, tied_seen)
+    # Autograd held the head's gradient until the embedding's arrived (no .grad in the first backward); now it is in
+    # .grad before the embedding's backward of every micro-batch.
+    assert plain_seen == [False, True] and tied_seen == [True, True]
+    assert expected.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert not grad.is_sparse, name
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_untied_head_is_left_alone():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, tie_word_embeddings=False))
+    assert not accumulate_tied_head_gradient(model)
+    assert not model.model.embed_tokens.sparse and not hasattr(model.lm_head.weight, "_tapo_grad_at_once")
+
+
+def test_cpu_trainer_accumulates_the_tied_head_gradient_at_once(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    assert trainer.model.lm_head.weight._tapo_grad_at_once and trainer.model.model.embed_tokens.sparse
 
 
 @pytest.mark.parametrize("algorithm", ["tapo", "opsd"])
