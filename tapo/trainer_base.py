@@ -68,7 +68,7 @@ def trailing_padding(attention_mask: torch.Tensor, completion_width: int) -> int
     `completion_width - 1` (TRL scores the last `logits_to_keep` positions; 0 would mean all of them). Completions are
     right-padded to the longest of the generation batch, so a micro-batch of a few of its rows carries columns that
     are padding in all of them. (Leading prompt padding is left alone: without position ids, dropping it shifts the
-    positions and changes the log-probs in float rounding, and TAPO off must stay TRL's GRPO to the bit.)"""
+    positions, which moved the tiny test model's log-probs by 2e-3, and TAPO off must stay TRL's GRPO to the bit.)"""
     attended = attention_mask[:, attention_mask.shape[1] - completion_width:].bool().any(0)
     last = int(attended.nonzero().max()) if attended.any() else 0
     return completion_width - 1 - last
