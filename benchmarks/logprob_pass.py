@@ -35,11 +35,8 @@ MODES = {
 ROUNDS = {"quick": 2, "default": 3, "full": 3}
 
 
-def row_passes(trainer, batch: dict, tapo: bool) -> tuple[float, torch.Tensor]:
-    """Seconds for the forward + backward of every row alone, and the rows' log-probs (B, completion width)."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    width = batch["completion_ids"].shape[1]
+def row_passes(trainer, ids: torch.Tensor, attention: torch.Tensor, width: int, tapo: bool) -> tuple[float, torch.Tensor]:
+    """Seconds for the forward + backward of every row alone, and the rows' log-probs (B, completion `width`)."""
     scored = trainer._get_per_token_logps_and_entropies if tapo else \
         (lambda *args, **kwargs: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *args, **kwargs))
     logps = []
@@ -65,13 +62,13 @@ def main() -> None:
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps
     batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     lengths = batch["completion_mask"].sum(1)
     prompt_width, width = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
     rows = len(lengths)
-    positions = {"layers_trl": rows * (prompt_width + width), "head_trl": rows * (prompt_width + width - 1),
-                 "layers_tapo": sum(prompt_width + width - trailing_padding(torch.cat(
-                     [batch["prompt_mask"][r : r + 1], batch["completion_mask"][r : r + 1]], 1), width)
-                     for r in range(rows)),
+    positions = {"layers_trl": rows * ids.shape[1], "head_trl": rows * (ids.shape[1] - 1),
+                 "layers_tapo": sum(ids.shape[1] - trailing_padding(attention[r : r + 1], width) for r in range(rows)),
                  "head_tapo": int(lengths.sum())}
     print(f"{rows} rows, prompt width {prompt_width}, completion width {width}, completion lengths "
           f"{lengths.tolist()}\npositions through the layers: TRL {positions['layers_trl']}, tapo "
@@ -82,7 +79,7 @@ def main() -> None:
     for round_ in range(ROUNDS[mode]):
         for name in ("trl", "tapo") if round_ % 2 == 0 else ("tapo", "trl"):
             trl_utils._use_triton = labelled_only if name == "tapo" else every_position
-            seconds, logps[name] = row_passes(trainer, batch, tapo=name == "tapo")
+            seconds, logps[name] = row_passes(trainer, ids, attention, width, tapo=name == "tapo")
             times[name].append(seconds)
             print(f"round {round_ + 1}: {name} {seconds:.2f} s", flush=True)
     trl_utils._use_triton = labelled_only

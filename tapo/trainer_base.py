@@ -168,9 +168,10 @@ class TrainerBase(GRPOTrainer):
         put back as zeros: same shapes, same values, bit for bit (causal attention: no kept position sees them).
         Text batches only (images and other extras are indexed by position: passed through untouched)."""
         right = 0 if any(v is not None for v in extras.values()) else trailing_padding(attention_mask, logits_to_keep)
+        end = input_ids.shape[1] - right
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
-            model, input_ids[:, : input_ids.shape[1] - right], attention_mask[:, : input_ids.shape[1] - right],
-            logits_to_keep - right, batch_size, compute_entropy, compute_aux_loss, **extras)
+            model, input_ids[:, :end], attention_mask[:, :end], logits_to_keep - right, batch_size, compute_entropy,
+            compute_aux_loss, **extras)
         if right == 0:
             return logps, entropies, aux_loss
         pad = lambda t: None if t is None else torch.nn.functional.pad(t, (0, right))  # noqa: E731
