@@ -122,6 +122,14 @@ class TAPOConfig(GRPOConfig):
         metadata={"help": "Constructed trajectories longer than this many tokens are dropped (truncating would cut "
                   "the verified final answer). Default: 2 * max_completion_length."},
     )
+    activation_checkpointing_min_tokens: int = field(
+        default=0,
+        metadata={"help": "Activation checkpointing for long micro-batches only: a training forward over at least this "
+                  "many token positions (rows x width, trailing padding dropped) recomputes its decoder layers in the "
+                  "backward instead of keeping their activations. A loop's peak memory is set by its longest micro-batch, "
+                  "so this caps the peak while shorter micro-batches keep full speed. 0: off (gradient_checkpointing=True "
+                  "checkpoints every micro-batch)."},
+    )
     correct_threshold: float = field(
         default=1.0, metadata={"help": "A rollout counts as correct when its (weighted) total reward >= this."}
     )
@@ -152,6 +160,9 @@ class TAPOConfig(GRPOConfig):
             raise ValueError(f"ref_loss_aggregation={self.ref_loss_aggregation!r}: choose one of {tuple(LOSS_AGGREGATIONS)}")
         if self.constructor == "teacher" and not self.teacher_model:
             raise ValueError("constructor='teacher' needs teacher_model (a model path/name, or the endpoint's model name)")
+        if self.activation_checkpointing_min_tokens < 0:
+            raise ValueError(f"activation_checkpointing_min_tokens={self.activation_checkpointing_min_tokens} must be >= 0 "
+                             "(0: off)")
         if self.ots_low > self.ots_high:
             raise ValueError(f"ots_low={self.ots_low} must be <= ots_high={self.ots_high}")
         if self.ref_max_length is None:

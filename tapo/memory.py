@@ -1,4 +1,4 @@
-"""Five things that keep a CPU training process small and quick (measured on SmolLM2: `benchmarks/README.md`, memory).
+"""Six things that keep a CPU training process small and quick (measured on SmolLM2: `benchmarks/README.md`, memory).
 
 Freed memory goes back to the OS at the boundaries of a training step (glibc's malloc; a no-op elsewhere). glibc
 raises its mmap threshold (up to 32 MiB) the first time a large block is freed, so from then on the 1-3 MB
@@ -38,10 +38,17 @@ keep only their input (`torch.utils.checkpoint` around the norm alone) and the M
 forward is the same computation, and the gradients are those autograd computes (bit-identical in
 tests/test_memory.py): 38% fewer activation bytes (0.13 GiB for a 300-token row); the default run's peak fell from
 3.39-3.43 to 3.31 GiB, the rest of the peak being the tied LM head's gradient buffers and heap slack.
+
+Activation checkpointing for the long micro-batches only (`activation_checkpointing_min_tokens`). A training loop's
+peak is the weights, gradients and optimizer state plus the activations of its longest micro-batch; checkpointing
+every micro-batch (TRL's `gradient_checkpointing`) lowers that peak but recomputes every forward. `checkpointing(layers)`
+turns transformers' own per-layer checkpointing on for one forward: the trainers do so when a micro-batch holds at
+least that many token positions, so only the micro-batches that set the peak pay for the recomputation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -53,6 +60,7 @@ import trl.trainer.utils as trl_utils
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 CPU_LM_HEAD_TILE = 8192  # vocabulary columns per tile of TRL's fused LM head when it runs on the CPU
 
@@ -221,3 +229,25 @@ def lean_activations(model: nn.Module) -> int:
         module._tapo_lean = True
         changed += 1
     return changed
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of `model` that transformers can checkpoint one by one (its decoder blocks)."""
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def checkpointing(layers: list[nn.Module], enabled: bool = True):
+    """Within the block, each of `layers` (`decoder_layers`) that does not checkpoint already keeps only its input for
+    the backward and recomputes the rest there. torch's non-reentrant checkpoint: it needs no input that requires grad,
+    and the norms' own checkpoints (`lean_activations`) nest in it. The recomputation is recorded when the forward
+    runs, so a forward made inside the block is backpropagated as checkpointed after the block has ended."""
+    switched = [layer for layer in layers if not layer.gradient_checkpointing] if enabled else []
+    for layer in switched:
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        layer.gradient_checkpointing = True
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer.gradient_checkpointing = False

@@ -266,7 +266,7 @@ class OPSDTrainer(TAPOTrainer):
         last positions are projected (position i predicts token i+1, so the last one is dropped)."""
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._checkpointing_if_long(input_ids.numel()):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                            logits_to_keep=completion_ids.shape[1] + 1).logits
         return logits[:, :-1].float() / self.temperature

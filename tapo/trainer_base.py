@@ -10,7 +10,8 @@
   ran on which base model;
 - memory (`tapo.memory`): freed memory handed back to the OS after generation and after every optimizer step, and,
   when training on the CPU, smaller LM-head tiles over the labelled positions only, norms / MLPs that recompute
-  their elementwise activations and (one process) a tied head's gradient added to `.grad` at once;
+  their elementwise activations and (one process) a tied head's gradient added to `.grad` at once; activation
+  checkpointing for the micro-batches of at least `activation_checkpointing_min_tokens` positions;
 - log-prob passes without the completion columns that are padding in every row (`trailing_padding`): a micro-batch
   keeps its generation batch's padded width, and that padding would otherwise run through every layer.
 """
@@ -32,6 +33,8 @@ from trl.trainer.utils import RepeatSampler, get_config_model_id
 from tapo.memory import (
     ReleaseFreedMemory,
     accumulate_tied_head_gradient,
+    checkpointing,
+    decoder_layers,
     lean_activations,
     release_freed_memory,
     score_labelled_positions_only,
@@ -103,6 +106,11 @@ class TrainerBase(GRPOTrainer):
             lean_activations(self.model)
             if self.accelerator.distributed_type == DistributedType.NO:
                 accumulate_tied_head_gradient(self.model)
+        self._layers = decoder_layers(self.model)  # checkpointed for long micro-batches (activation_checkpointing_min_tokens)
+        if self.args.activation_checkpointing_min_tokens and not self._layers:
+            raise ValueError(f"activation_checkpointing_min_tokens={self.args.activation_checkpointing_min_tokens}: "
+                             f"{type(self.model).__name__} has no transformers decoder layers to checkpoint "
+                             "(GradientCheckpointingLayer); set it to 0")
         self._scored = None  # what TRL's _calculate_rewards saw for the current generation batch
         self._generation_round = 0  # generation batches trained on; seeds DCS identically on every rank
 
@@ -166,16 +174,24 @@ class TrainerBase(GRPOTrainer):
         wide as its generation batch's longest completion, so a short completion's padding went through every layer
         and the LM head. TRL returns 0 (log-prob and entropy) where the label is padding, so the dropped columns are
         put back as zeros: same shapes, same values, bit for bit (causal attention: no kept position sees them).
-        Text batches only (images and other extras are indexed by position: passed through untouched)."""
+        Text batches only (images and other extras are indexed by position: passed through untouched). A training
+        forward over at least `activation_checkpointing_min_tokens` kept positions checkpoints the decoder layers."""
         right = 0 if any(v is not None for v in extras.values()) else trailing_padding(attention_mask, logits_to_keep)
         end = input_ids.shape[1] - right
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
-            model, input_ids[:, :end], attention_mask[:, :end], logits_to_keep - right, batch_size, compute_entropy,
-            compute_aux_loss, **extras)
+        with self._checkpointing_if_long(input_ids.shape[0] * end):
+            logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                model, input_ids[:, :end], attention_mask[:, :end], logits_to_keep - right, batch_size, compute_entropy,
+                compute_aux_loss, **extras)
         if right == 0:
             return logps, entropies, aux_loss
         pad = lambda t: None if t is None else torch.nn.functional.pad(t, (0, right))  # noqa: E731
         return pad(logps), pad(entropies), aux_loss
+
+    def _checkpointing_if_long(self, positions: int):
+        """`checkpointing` of the decoder layers for a training forward over at least
+        `activation_checkpointing_min_tokens` token positions; for any other forward, a block that changes nothing."""
+        long = 0 < self.args.activation_checkpointing_min_tokens <= positions
+        return checkpointing(self._layers, enabled=long and self.model.training and torch.is_grad_enabled())
 
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"

@@ -1,6 +1,6 @@
 """tapo.memory: freed heap memory goes back to the OS at step boundaries, TRL's fused LM head runs in smaller
 vocabulary tiles on the CPU without changing the log-probs beyond float rounding, and norms and MLPs keep fewer
-activations for the backward without changing outputs or gradients."""
+activations for the backward without changing outputs or gradients, and long micro-batches alone are checkpointed."""
 
 import copy
 
@@ -21,6 +21,8 @@ from tapo.memory import (
     CPU_LM_HEAD_TILE,
     ReleaseFreedMemory,
     accumulate_tied_head_gradient,
+    checkpointing,
+    decoder_layers,
     lean_activations,
     score_labelled_positions_only,
     use_small_lm_head_tiles,
@@ -369,3 +371,82 @@ def test_cpu_trainer_uses_lean_activations(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path)
     layer = trainer.model.model.layers[0]
     assert layer.mlp._tapo_lean and layer.input_layernorm._tapo_lean and trainer.model.model.norm._tapo_lean
+
+
+def test_checkpointing_keeps_only_layer_inputs_and_gives_the_same_gradients():
+    plain = small_model("llama")
+    layers = decoder_layers(plain)
+    assert len(layers) == 2
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    logits, grads = loss_and_gradients(plain, ids)
+    with checkpointing(layers):
+        assert all(layer.gradient_checkpointing for layer in layers)
+        out = plain(ids, labels=ids)
+    assert not any(layer.gradient_checkpointing for layer in layers)  # off again once the block ends
+    plain.zero_grad(set_to_none=True)
+    out.loss.backward()  # after the block: recomputed as recorded at the forward
+    assert torch.equal(out.logits.detach(), logits)
+    for a, p in zip(grads, plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=1e-6)
+    kept = live_bytes_after_forward(plain, ids)
+    with checkpointing(layers):
+        assert live_bytes_after_forward(plain, ids) < 0.5 * kept
+    with checkpointing(layers, enabled=False):
+        assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+def test_checkpointing_leaves_layers_that_checkpoint_already_on():
+    model = small_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    with checkpointing(layers):
+        pass
+    assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def forwards_with_their_checkpointing(trainer) -> list:
+    """(token positions, checkpointed) of every forward with autograd on that reaches the first decoder layer."""
+    seen = []
+
+    def record(layer, args, kwargs):
+        if torch.is_grad_enabled():
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.append((hidden.shape[0] * hidden.shape[1], layer.gradient_checkpointing))
+
+    trainer._layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("algorithm", ["tapo", "opsd"])
+def test_only_long_micro_batches_are_checkpointed_with_the_same_gradient(tiny_model_dir, tmp_path, algorithm):
+    """With the threshold at the longest training forward, only the forwards that long are checkpointed (TAPO: the
+    constructed rows, longer than the original ones; OPSD: the GRPO and the student forwards, as long here), and the
+    gradient is unchanged. One position more and nothing is."""
+    make = make_trainer if algorithm == "tapo" else make_opsd_trainer
+
+    def gradient(min_tokens):
+        trainer = make(tiny_model_dir, tmp_path, activation_checkpointing_min_tokens=min_tokens)
+        seen = forwards_with_their_checkpointing(trainer)
+        batch = generation_batch(trainer)
+        trainer.model.zero_grad()
+        trainer.accelerator.backward(trainer.compute_loss(trainer.model, batch))
+        return seen, torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    seen, grad = gradient(0)
+    assert len(seen) >= 2 and not any(flag for _, flag in seen)
+    longest = max(positions for positions, _ in seen)
+    assert any(positions < longest for positions, _ in seen) == (algorithm == "tapo"), seen
+    seen_long, grad_long = gradient(longest)
+    assert seen_long == [(positions, positions >= longest) for positions, _ in seen]
+    torch.testing.assert_close(grad_long, grad, rtol=1e-5, atol=1e-7)
+    assert grad.norm() > 0
+    seen_none, _ = gradient(longest + 1)
+    assert seen_none == seen
+
+
+def test_checkpointing_threshold_is_checked(tiny_model_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="activation_checkpointing_min_tokens=-1"):
+        make_trainer(tiny_model_dir, tmp_path, activation_checkpointing_min_tokens=-1)
+    monkeypatch.setattr("tapo.trainer_base.decoder_layers", lambda model: [])
+    with pytest.raises(ValueError, match="no transformers decoder layers"):
+        make_trainer(tiny_model_dir, tmp_path, activation_checkpointing_min_tokens=100)
