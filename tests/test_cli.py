@@ -131,7 +131,7 @@ def test_skip_bad_rows_drops_and_counts_them(tmp_path, capsys, monkeypatch):
 CONFIG_ERRORS = [
     # (case, YAML text or None, command line, expected message parts)
     ("yaml unknown key", "n_poss: 3\n", [], ["unknown option(s) in config file", "'n_poss': did you mean n_pos?",
-                                            "TAPO options: algorithm, answer_field", "tapo train --help"]),
+                                            "TAPO options: activation_checkpointing_min_tokens, algorithm, answer_field", "tapo train --help"]),
     ("cli unknown key", None, ["--ref_loss_weigth", "0.5"], ["unknown option(s) in the command line",
                                                              "did you mean ref_loss_weight, "]),
     ("yaml wrong type", "n_pos: abc\n", [], ["n_pos: 'abc' is not a valid int"]),
