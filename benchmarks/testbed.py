@@ -12,6 +12,7 @@ factory `tapo train` uses. An arm is named by its options, so new TAPOConfig opt
     tapo                         --algorithm tapo (the embedded default's constructor, splice)
     tapo:constructor=self        the policy writes its own syntheses (the pre-training held its cold start)
     tapo:ref_baseline=ref        ... any `tapo train` option as key=value, comma-separated
+    tapo:learning_rate=1e-4      a named rate replaces the swept one (a control for the rate itself)
     opsd                         --algorithm opsd
 
 Per run, every `eval_every` steps, on the held-out set (fixed sampling seeds: every arm is graded on the same draws):
@@ -87,7 +88,7 @@ POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
 # The testbed's controls and ablations (ablation seeds), beside the main arms GRPO, TAPO splice and TAPO self.
 ABLATIONS = ["tapo:ref_baseline=ref", "tapo:ots_enabled=false", "tapo:construction_control=no_prefix",
              "tapo:construction_control=no_reflection", "tapo:cut=after_error", "tapo:ref_baseline=union",
-             "tapo:ref_loss_weight=0.5", "opsd"]
+             "tapo:ref_loss_weight=0.5", "opsd", "tapo:learning_rate=1e-4"]  # the last: TAPO at GRPO's swept rate
 SIZES = {
     "smoke": dict(task=TASK, n_train=64, n_eval=16, k=2, eval_every=2, steps=2,
                   train=dict(per_device_train_batch_size=16, num_generations=4),
@@ -263,8 +264,12 @@ def chosen_learning_rates(jobs: dict, spec: dict, arms: list[str]) -> dict:
 
 
 def arm_learning_rate(arm: str, lrs: dict, default: float) -> float:
-    """The arm's swept rate; a `tapo:...` variant that was not swept runs at the rate of the arm it varies (`tapo`),
-    so an ablation differs from it in its one option only; else the size's middle rate."""
+    """The rate an arm names (`tapo:learning_rate=1e-4`: a control for the rate itself); else its swept rate; a
+    `tapo:...` variant that was not swept runs at the rate of the arm it varies (`tapo`), so an ablation differs from it
+    in its one option only; else the size's middle rate."""
+    pinned = arm_settings(arm).get("learning_rate")
+    if pinned is not None:
+        return float(pinned)
     return lrs.get(arm, lrs.get(arm.partition(":")[0], default))
 
 

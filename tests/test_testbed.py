@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import testbed  # noqa: E402
 
 
 def _testbed(*args, out: Path):
@@ -41,3 +43,13 @@ def test_smoke_size_runs_every_main_arm_in_parallel_and_resumes(tmp_path):
     assert result["self_synthesis"] == synth  # measured once per experiment
     again = _testbed(out=tmp_path)
     assert again.returncode == 0 and "3 of 3 jobs already done" in again.stdout, again.stdout[-2000:]
+
+
+def test_an_arm_runs_at_its_named_rate_else_its_swept_one_else_its_parents():
+    lrs = {"grpo": 1e-4, "tapo": 3e-4}
+    assert testbed.arm_learning_rate("grpo", lrs, 5e-5) == 1e-4
+    assert testbed.arm_learning_rate("tapo:cut=after_error", lrs, 5e-5) == 3e-4  # an ablation: tapo's rate
+    assert testbed.arm_learning_rate("tapo:learning_rate=1e-4", lrs, 5e-5) == 1e-4  # named: the control for the rate
+    assert testbed.arm_learning_rate("opsd", lrs, 5e-5) == 5e-5  # not swept: the size's middle rate
+    assert testbed.job_id("tapo:learning_rate=1e-4", testbed.arm_learning_rate("tapo:learning_rate=1e-4", lrs, 0), 0) \
+        == "tapo:learning_rate=1e-4|lr=0.0001|seed=0"
