@@ -61,9 +61,10 @@ EMBEDDED_DEFAULTS = dict(
     disable_tqdm=True,
     bf16=False,
     # Every backward holds 2.47 GiB (weights, gradients, AdamW state, libraries) plus the micro-batch's activations,
-    # 0.86 MiB a token: a 192-position row (a 65-token prompt and a full 128-token completion) reached 3.01 GiB, a
-    # constructed row of 279 positions 3.15 GiB. Micro-batches of 128+ positions (88% of the run's positions) keep
-    # only their layers' inputs and recompute the rest in the backward: 2.93 GiB instead, for ~10% more time per step.
+    # 0.86 MiB a token: a 192-position row (a 65-token prompt and a full 128-token completion) reached 3.00 GiB, a
+    # constructed row of 279 positions 3.17 GiB. Micro-batches of 128+ positions (88% of the run's positions) keep
+    # only their layers' inputs and recompute the rest in the backward: the run peaks at 2.90 GiB instead, for ~11%
+    # more wall time (benchmarks/results/default_run_new_vs_old.json, checkpointing_rounds).
     gradient_checkpointing=False,
     activation_checkpointing_min_tokens=128,
 )
