@@ -22,10 +22,12 @@ Per run, every `eval_every` steps, on the held-out set (fixed sampling seeds: ev
 plus the training wall-clock (evaluation excluded) and trained tokens (prompt + completion tokens of the rollouts, as
 TRL counts them, plus the tokens of accepted constructed rows). Per arm and seed: final values and the area under the
 greedy curve (mean greedy accuracy over training, trapezoid rule). Summary: paired (same seed) differences to GRPO with
-95% bootstrap confidence intervals over seeds, and whether each excludes 0.
+95% bootstrap confidence intervals over seeds, and whether each excludes 0; `--reference ARM` adds the same table
+against another arm (e.g. one that runs at the learning rate of the arms it is compared with).
 
 Learning rates: `--sweep` first runs every arm at each of the size's learning rates on separate seeds and keeps, per
-arm, the one with the best mean area under the curve; the main runs use it.
+arm, the one with the best mean area under the curve; the main runs use it. An arm that names a rate
+(`tapo:learning_rate=1e-4`) runs at that rate instead.
 
 Resumable and parallel: each (arm, learning rate, seed) job's result is merged into the results file under a file
 lock as soon as it ends; a rerun skips finished jobs. `--jobs N` runs N jobs at once as child processes with one
@@ -35,6 +37,7 @@ torch thread each (on a GPU machine they share the GPU: the policy is tiny).
     python benchmarks/testbed.py --policy-only        # pre-train (or load) the default policy, measure it, stop
     python benchmarks/testbed.py --sweep --jobs 2     # the default size, learning rates first
     python benchmarks/testbed.py --size full --sweep --jobs 16   # a 16-core / GPU machine
+    python benchmarks/testbed.py --reference tapo:ref_baseline=ref   # also paired differences to another arm
 """
 
 from __future__ import annotations
@@ -296,16 +299,16 @@ def paired_difference(diffs: list[float]) -> dict:
             "excludes_0": ci is not None and (ci[0] > 0 or ci[1] < 0)}
 
 
-def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
-    """Per arm (its chosen learning rate, evaluation seeds only): means, and paired differences to GRPO with 95%
-    bootstrap intervals over the seeds both arms have."""
+def summarize(jobs: dict, lrs: dict, spec: dict, reference: str = "grpo") -> dict:
+    """Per arm (its chosen learning rate, evaluation seeds only): means, and paired differences to `reference` (GRPO,
+    or another arm: e.g. one at the same learning rate) with 95% bootstrap intervals over the seeds both arms have."""
     eval_seeds = set(spec["seeds"]) | set(spec["ablation_seeds"])
     by_arm: dict[str, dict[int, dict]] = {}
     for result in jobs.values():
         lr = arm_learning_rate(result["arm"], lrs, spec["default_lr"])
         if result["seed"] in eval_seeds and result["lr"] == lr:
             by_arm.setdefault(result["arm"], {})[result["seed"]] = result
-    grpo = by_arm.get("grpo", {})
+    base = by_arm.get(reference, {})
     summary = {}
     for arm, by_seed in by_arm.items():
         row = {"lr": arm_learning_rate(arm, lrs, spec["default_lr"]), "lr_swept": arm in lrs, "seeds": sorted(by_seed),
@@ -314,27 +317,28 @@ def summarize(jobs: dict, lrs: dict, spec: dict) -> dict:
         for name in METRICS:
             values = [v for v in (_metric(r, name) for r in by_seed.values()) if v is not None]
             row[name] = statistics.fmean(values) if values else None
-            pairs = [(_metric(r, name), _metric(grpo[s], name)) for s, r in by_seed.items() if s in grpo]
+            pairs = [(_metric(r, name), _metric(base[s], name)) for s, r in by_seed.items() if s in base]
             diffs = [a - b for a, b in pairs if a is not None and b is not None]
-            if arm != "grpo" and diffs:
-                row[f"{name} - grpo"] = paired_difference(diffs)
-        # Equal wall-clock: the arm's avg@k when it had trained as long as GRPO's whole run (same seed).
-        at_grpo_time = [value_at(r["curve"], "train_s", grpo[s]["curve"][-1]["train_s"], "avg@k")
-                        - grpo[s]["final"]["avg@k"] for s, r in by_seed.items() if s in grpo]
-        if arm != "grpo" and at_grpo_time:
-            row["avg@k at grpo's wall-clock - grpo"] = paired_difference(at_grpo_time)
+            if arm != reference and diffs:
+                row[f"{name} - {reference}"] = paired_difference(diffs)
+        # Equal wall-clock: the arm's avg@k when it had trained as long as the reference's whole run (same seed).
+        at_base_time = [value_at(r["curve"], "train_s", base[s]["curve"][-1]["train_s"], "avg@k")
+                        - base[s]["final"]["avg@k"] for s, r in by_seed.items() if s in base]
+        if arm != reference and at_base_time:
+            row[f"avg@k at {reference}'s wall-clock - {reference}"] = paired_difference(at_base_time)
         summary[arm] = row
     return summary
 
 
-def print_summary(summary: dict) -> None:
-    shown = ("final_avg@k", "auc_avg@k", "final_greedy", "avg@k at grpo's wall-clock")
+def print_summary(summary: dict, reference: str = "grpo") -> None:
+    shown = ("final_avg@k", "auc_avg@k", "final_greedy", f"avg@k at {reference}'s wall-clock")
+    label = "GRPO" if reference == "grpo" else reference
     print(f"\n{'arm':<40} {'lr':>7} {'seeds':>5} {'avg@k':>6} {'AUC':>6} {'greedy':>6} {'s/step':>6}  "
-          + "  ".join(f"{name + ' - GRPO [95% CI]':<31}" for name in shown))
+          + "  ".join(f"{name + ' - ' + label + ' [95% CI]':<31}" for name in shown))
     for arm, row in summary.items():
         cells = []
         for name in shown:
-            d = row.get(f"{name} - grpo")
+            d = row.get(f"{name} - {reference}")
             if d is None:
                 cells.append("")
             else:
@@ -469,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int)
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra `tapo train` options, every arm")
+    parser.add_argument("--reference", nargs="+", default=[], metavar="ARM",
+                        help="also paired differences to these arms (saved under summary_vs; e.g. an arm at the "
+                             "learning rate of the arms it is compared with)")
     parser.add_argument("--sweep", action="store_true", help="choose each arm's learning rate on the sweep seeds first")
     parser.add_argument("--sweep-only", action="store_true", help="run the sweep, print the chosen rates and stop")
     parser.add_argument("--learning-rates", nargs="+", type=float,
@@ -559,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(jobs, lrs, spec)
     results.update(learning_rates=lrs, summary=summary)
     print_summary(summary)
+    if args.reference:
+        versus = {arm: summarize(jobs, lrs, spec, reference=arm) for arm in args.reference}
+        results.update(summary_vs={**results.load().get("summary_vs", {}), **versus})
+        for arm, table in versus.items():
+            print_summary(table, reference=arm)
     plot(jobs, summary, args.out / f"{name}.png")
     print(f"wrote {results.path} and {args.out / f'{name}.png'}")
     return 0
