@@ -63,8 +63,8 @@ EMBEDDED_DEFAULTS = dict(
     # Every backward holds 2.47 GiB (weights, gradients, AdamW state, libraries) plus the micro-batch's activations,
     # 0.86 MiB a token: a 192-position row (a 65-token prompt and a full 128-token completion) reached 3.00 GiB, a
     # constructed row of 279 positions 3.17 GiB. Micro-batches of 128+ positions (88% of the run's positions) keep
-    # only their layers' inputs and recompute the rest in the backward: the run peaks at 2.90 GiB instead, for ~11%
-    # more wall time (benchmarks/results/default_run_new_vs_old.json, checkpointing_rounds).
+    # only their layers' inputs and recompute the rest in the backward: the run peaks at 2.90-2.97 GiB instead, for
+    # 13-25% more wall time on the idle 2 cores (benchmarks/results/default_run_new_vs_old.json, checkpointing_rounds).
     gradient_checkpointing=False,
     activation_checkpointing_min_tokens=128,
 )
