@@ -131,7 +131,7 @@ class TAPOConfig(GRPOConfig):
     activation_checkpointing_min_tokens: int = field(
         default=0,
         metadata={"help": "Activation checkpointing for long micro-batches only: a training forward over at least this "
-                  "many token positions (rows x width, trailing padding dropped) recomputes its decoder layers in the "
+                  "many token positions (rows x width; the log-prob pass drops trailing padding first) recomputes its decoder layers in the "
                   "backward instead of keeping their activations. A loop's peak memory is set by its longest micro-batch, "
                   "so this caps the peak while shorter micro-batches keep full speed. 0: off (gradient_checkpointing=True "
                   "checkpoints every micro-batch)."},

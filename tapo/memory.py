@@ -63,6 +63,7 @@ from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 CPU_LM_HEAD_TILE = 8192  # vocabulary columns per tile of TRL's fused LM head when it runs on the CPU
+_LAYER_CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)  # what `checkpointing` gives each layer
 
 
 @functools.cache
@@ -244,7 +245,7 @@ def checkpointing(layers: list[nn.Module], enabled: bool = True):
     runs, so a forward made inside the block is backpropagated as checkpointed after the block has ended."""
     switched = [layer for layer in layers if not layer.gradient_checkpointing] if enabled else []
     for layer in switched:
-        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        layer._gradient_checkpointing_func = _LAYER_CHECKPOINT
         layer.gradient_checkpointing = True
     try:
         yield
